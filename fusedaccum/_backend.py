@@ -1,0 +1,63 @@
+"""The one place that picks the implementation of the fused ops.
+
+CUDA tensors run the Triton kernels, every other device the pure-PyTorch reference.
+``FUSEDACCUM_BACKEND=torch|triton`` forces one; with ``TRITON_INTERPRET=1`` set before
+Triton is imported, the Triton kernels also run on CPU tensors (that is how CI tests them).
+A forced backend that cannot run raises; nothing falls back silently.
+"""
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+ENV_VAR = "FUSEDACCUM_BACKEND"
+BACKENDS = ("torch", "triton")
+
+
+def _load_kernels() -> ModuleType:
+    try:
+        return importlib.import_module("fusedaccum.kernels")
+    except ImportError as exc:  # triton missing or broken
+        raise RuntimeError(
+            f"the Triton backend is unavailable ({exc}); install triton, or set {ENV_VAR}=torch "
+            "to run the pure-PyTorch reference"
+        ) from exc
+
+
+def _interpreted(kernels: ModuleType) -> bool:
+    # TRITON_INTERPRET is read when @triton.jit runs, i.e. when the kernels are imported, so
+    # ask the kernel object rather than the environment.
+    return type(kernels.accumulate.accumulate_kernel).__name__ == "InterpretedFunction"
+
+
+def requested() -> str:
+    """The backend named by the environment: 'auto', 'torch' or 'triton'."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
+    if value not in ("auto",) + BACKENDS:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of auto, torch, triton")
+    return value
+
+
+def name_for(device: torch.device) -> str:
+    """'torch' or 'triton': the backend the fused ops use for tensors on ``device``."""
+    choice = requested()
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" else "torch"
+    if choice == "triton" and device.type != "cuda" and not _interpreted(_load_kernels()):
+        raise RuntimeError(
+            f"{ENV_VAR}=triton with {device.type} tensors needs TRITON_INTERPRET=1 set before "
+            "triton is imported (Triton kernels run on CUDA tensors, or on CPU tensors under "
+            "the interpreter)"
+        )
+    return choice
+
+
+def implementation(device: torch.device) -> ModuleType:
+    """The module whose ``accumulate_`` / ``unscale_clip_`` run on ``device``."""
+    if name_for(device) == "triton":
+        return _load_kernels()
+    from . import reference
+
+    return reference

@@ -1,0 +1,150 @@
+"""Flat gradient buckets: every parameter's ``.grad`` is a view into one contiguous buffer
+per (device, dtype), so the fused ops touch a whole model in one launch per bucket."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .ops import GRAD_DTYPES
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The parameters of one device and dtype, and their flat gradient storage.
+
+    ``accum`` is the fp32 accumulation buffer. For fp32 parameters it is also where the
+    gradients land (``param.grad`` are views into it, and autograd accumulates in place).
+    For bf16/fp16 parameters the gradients land in ``landing`` (parameter dtype), which the
+    accumulate kernel folds into ``accum``.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    params: list = field(default_factory=list)
+    offsets: list = field(default_factory=list)
+    numel: int = 0
+    accum: torch.Tensor = None
+    landing: "torch.Tensor | None" = None
+    views: list = field(default_factory=list)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The flat buffer that ``param.grad`` are views of."""
+        return self.accum if self.landing is None else self.landing
+
+
+class GradBuckets:
+    """Allocate flat gradient buckets for ``params`` and attach ``param.grad`` as views.
+
+    Parameters without ``requires_grad`` are skipped; a parameter listed twice is kept once;
+    parameters on several devices or of several dtypes get one bucket per (device, dtype).
+    A gradient a parameter already holds is copied into its view.
+
+    ``optimizer.zero_grad()`` (``set_to_none=True`` by default) would detach the views; a
+    post-accumulate-grad hook on every parameter re-attaches them: on the first detached
+    gradient of a backward the bucket's gradient buffer is zeroed (what ``zero_grad`` meant) and each fresh
+    gradient is copied into its view. The one case it cannot repair is ``set_to_none`` on
+    only some parameters of a bucket: call ``zero_()`` (or ``zero_grad(set_to_none=False)``).
+    """
+
+    def __init__(self, params, *, accum_dtype: torch.dtype = torch.float32):
+        if accum_dtype != torch.float32:
+            raise ValueError(f"accum_dtype must be torch.float32, got {accum_dtype}")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        seen, unique = set(), []
+        for i, p in enumerate(params):
+            if isinstance(p, dict):  # an optimizer param group
+                raise TypeError("params must be tensors; pass model.parameters() or a list of tensors, "
+                                "not optimizer param groups")
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{i}] is a {type(p).__name__}, not a tensor")
+            if not p.requires_grad or id(p) in seen:
+                continue
+            if p.dtype not in GRAD_DTYPES:
+                raise TypeError(f"params[{i}] (shape {tuple(p.shape)}) has dtype {p.dtype}; "
+                                "supported: float32, bfloat16, float16")
+            if p.is_sparse:
+                raise TypeError(f"params[{i}] is sparse; only dense parameters are supported")
+            seen.add(id(p))
+            unique.append(p)
+        if not unique:
+            raise ValueError("no parameter requires grad")
+
+        groups: dict = {}
+        for p in unique:
+            key = (p.device, p.dtype)
+            if key not in groups:
+                groups[key] = Bucket(device=p.device, dtype=p.dtype)
+            b = groups[key]
+            b.params.append(p)
+            b.offsets.append(b.numel)
+            b.numel += p.numel()
+        self.buckets: list[Bucket] = list(groups.values())
+        for b in self.buckets:
+            b.accum = torch.zeros(b.numel, dtype=torch.float32, device=b.device)
+            if b.dtype != torch.float32:
+                b.landing = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
+            for p, off in zip(b.params, b.offsets):
+                view = b.grads[off:off + p.numel()].view(p.shape)
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                b.views.append(view)
+        self._zeroed_this_backward: set = set()  # buckets whose grads this backward zeroed
+        self._hooks = []
+        self.attach()
+        for b in self.buckets:
+            for p, view in zip(b.params, b.views):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, view)))
+
+    def _make_hook(self, bucket: Bucket, view: torch.Tensor):
+        def reattach(p: torch.Tensor) -> None:
+            if p.grad is view:
+                return
+            # p.grad was set to None (zero_grad) and autograd allocated a fresh one.
+            with torch.no_grad():
+                if id(bucket) not in self._zeroed_this_backward:
+                    if not self._zeroed_this_backward:
+                        torch.autograd.Variable._execution_engine.queue_callback(self._zeroed_this_backward.clear)
+                    self._zeroed_this_backward.add(id(bucket))
+                    bucket.grads.zero_()
+                view.copy_(p.grad)
+            p.grad = view
+
+        return reattach
+
+    def attach(self) -> None:
+        """Point every ``param.grad`` at its view (again)."""
+        for b in self.buckets:
+            for p, view in zip(b.params, b.views):
+                if p.grad is not view:
+                    p.grad = view
+
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Zero every bucket (accumulation and landing buffers)."""
+        for b in self.buckets:
+            b.accum.zero_()
+            if b.landing is not None:
+                b.landing.zero_()
+
+    def remove_hooks(self) -> None:
+        """Stop watching for detached gradients (the views stay attached)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @property
+    def params(self) -> list:
+        return [p for b in self.buckets for p in b.params]
+
+    def __iter__(self):
+        return iter(self.buckets)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{b.device}/{str(b.dtype).replace('torch.', '')}: {len(b.params)} params, "
+                          f"{b.numel} elements" for b in self.buckets)
+        return f"GradBuckets({parts})"

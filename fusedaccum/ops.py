@@ -1,0 +1,204 @@
+"""The public fused ops: validate, then run the implementation ``_backend`` picks.
+
+Every check happens before anything is written, so a rejected call changes nothing.
+None of these ops synchronises with the host (except ``clip_grad_norm_`` with
+``error_if_nonfinite=True``, which must look at the norm, as torch's does).
+"""
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from . import _backend
+
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+
+
+def _check_flat(t, name: str, dtypes=GRAD_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed}")
+    if t.is_sparse or not t.is_contiguous():
+        raise ValueError(f"{name} must be a dense contiguous tensor (shape {tuple(t.shape)}, strides {t.stride()})")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _scalar(value, name: str, device: torch.device):
+    """A float, or a one-element fp32 tensor on ``device`` (read by the kernel: no sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a float or a one-element floating tensor, "
+                             f"got shape {tuple(value.shape)} dtype {value.dtype}")
+        if value.device == device:
+            return value.reshape(()).to(torch.float32)
+        if value.device.type == "cpu":
+            return float(value)  # a host tensor: reading it does not wait for the device
+        raise ValueError(f"{name} is on {value.device}, the buckets on {device}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    return float(value)
+
+
+def _norm_order(norm_type) -> float:
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}") from None
+    if not p > 0:  # also rejects NaN
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+    return p
+
+
+@torch.no_grad()
+def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: bool = False,
+                overwrite: bool = False) -> torch.Tensor:
+    """``acc += grad * scale`` in one pass; returns ``acc``.
+
+    acc: contiguous fp32 tensor. grad: contiguous fp32/bf16/fp16 tensor with as many
+    elements (any shape), on the same device. scale: float or one-element tensor.
+    ``zero_grad=True`` also writes zeros into ``grad`` in the same pass (for a landing
+    bucket that the next backward accumulates into). ``overwrite=True`` computes
+    ``acc = grad * scale`` without reading ``acc`` (the first micro-batch of a window).
+    """
+    _check_flat(acc, "acc", (torch.float32,))
+    _check_flat(grad, "grad")
+    if grad.device != acc.device:
+        raise ValueError(f"acc is on {acc.device} but grad on {grad.device}")
+    if grad.numel() != acc.numel():
+        raise ValueError(f"acc has {acc.numel()} elements but grad has {grad.numel()}")
+    if _overlap(acc, grad):
+        raise ValueError("acc and grad overlap in memory")
+    s = _scalar(scale, "scale", acc.device)
+    return _backend.implementation(acc.device).accumulate_(
+        acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
+
+
+def _as_list(tensors, name: str) -> list:
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a tensor or a sequence of tensors, got {type(tensors).__name__}")
+    return list(tensors)
+
+
+@torch.no_grad()
+def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
+                        out=None, skip_if_nonfinite=True) -> torch.Tensor:
+    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor."""
+    buckets = _as_list(buckets, "buckets")
+    if not buckets:
+        raise ValueError("buckets is empty")
+    for i, b in enumerate(buckets):
+        _check_flat(b, f"buckets[{i}]")
+    device = buckets[0].device
+    for i, b in enumerate(buckets):
+        if b.device != device:
+            raise ValueError(f"buckets[{i}] is on {b.device} but buckets[0] on {device}")
+        for j in range(i):
+            if _overlap(b, buckets[j]):
+                raise ValueError(f"buckets[{i}] and buckets[{j}] overlap in memory")
+    if out is not None:
+        out = _as_list(out, "out")
+        if len(out) != len(buckets):
+            raise ValueError(f"out has {len(out)} tensors for {len(buckets)} buckets")
+        for i, (o, b) in enumerate(zip(out, buckets)):
+            _check_flat(o, f"out[{i}]")
+            if o.device != device or o.numel() != b.numel():
+                raise ValueError(f"out[{i}] ({o.numel()} elements on {o.device}) does not match "
+                                 f"buckets[{i}] ({b.numel()} elements on {device})")
+            if o.data_ptr() != b.data_ptr() and any(_overlap(o, x) for x in buckets):
+                raise ValueError(f"out[{i}] overlaps a bucket other than its own")
+        out = [o.view(-1) for o in out]
+    p = _norm_order(norm_type)
+    if max_norm is not None:
+        max_norm = float(max_norm)
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
+    eps = float(eps)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    inv = _scalar(inv_scale, "inv_scale", device)
+    return _backend.implementation(device).unscale_clip_(
+        [b.view(-1) for b in buckets], inv, max_norm, p, eps, out=out, skip_if_nonfinite=skip_if_nonfinite)
+
+
+def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):
+    """Unscale, check for inf/NaN, take the global norm and clip, over flat buckets.
+
+    One read pass computes ``found_inf`` (0-d fp32: 1.0 if any element of
+    ``buckets * inv_scale`` is inf/NaN, or if their norm overflows fp32) and ``total_norm``
+    (0-d fp32: the ``norm_type``-norm of all of ``buckets * inv_scale``, before clipping).
+    Then, unless ``found_inf``, every bucket is multiplied in place (or written into the
+    matching tensor of ``out``) by ``inv_scale * min(1, max_norm / (total_norm + eps))``;
+    no clipping when ``max_norm`` is None. When ``found_inf`` the buckets (and ``out``) are
+    left as they were. The decision is taken on the device: no host synchronisation.
+
+    buckets: a contiguous fp32/bf16/fp16 tensor or a sequence of them, on one device.
+    inv_scale: float or one-element tensor. norm_type: a number > 0, or inf.
+    Returns ``(total_norm, found_inf)``.
+    """
+    stats = _unscale_clip_stats(buckets, inv_scale, max_norm, norm_type, eps, out=out)
+    return stats[0], stats[1]
+
+
+def _covering_buckets(grads: Sequence[torch.Tensor]):
+    """The flat buffers that ``grads`` tile exactly (every element once, nothing else), or
+    None. Then the norm over the buffers is the norm over the grads, one launch per buffer."""
+    bases: dict[int, tuple[torch.Tensor, list]] = {}
+    for g in grads:
+        base = g._base
+        if (base is None or base.dim() != 1 or not base.is_contiguous() or not g.is_contiguous()
+                or base.dtype not in GRAD_DTYPES or base.requires_grad):
+            return None
+        bases.setdefault(id(base), (base, []))[1].append((g.storage_offset() - base.storage_offset(), g.numel()))
+    for base, spans in bases.values():
+        position = 0
+        for offset, numel in sorted(spans):
+            if offset != position:
+                return None
+            position += numel
+        if position != base.numel():
+            return None
+    buffers = [base for base, _ in bases.values()]
+    if len({b.device for b in buffers}) != 1:
+        return None
+    return buffers
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """Drop-in for ``torch.nn.utils.clip_grad_norm_``: same arguments, same results.
+
+    When the gradients are exactly the contents of flat buffers (e.g. ``GradBuckets``), the
+    norm and the scaling run as fused kernels over the buffers: one read pass and one
+    read-write pass, no host sync. Otherwise this calls torch's implementation.
+    ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
+    gradients are then left unscaled when it raises.
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    buffers = _covering_buckets(grads) if grads else None
+    if buffers is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS,
+                                skip_if_nonfinite=bool(error_if_nonfinite))
+    total_norm = stats[0].to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    if error_if_nonfinite and not torch.isfinite(total_norm):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    return total_norm

@@ -1,0 +1,8 @@
+"""Triton kernels and their launch helpers. No policy lives here: inputs are validated and
+the backend is chosen in ``fusedaccum``; each launch helper has the signature of the
+matching function in ``fusedaccum.reference``."""
+
+from .accumulate import accumulate_
+from .unscale_clip import unscale_clip_
+
+__all__ = ["accumulate_", "unscale_clip_"]

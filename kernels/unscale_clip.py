@@ -1,0 +1,212 @@
+"""Unscale + inf/NaN check + global norm + clip over flat buckets, in three launches:
+
+1. ``norm_partials_kernel`` (one launch per bucket, one read pass): each program writes the
+   partial norm of its share of ``bucket * inv_scale`` and a non-finite code into fixed slots.
+2. ``finalize_kernel`` (one program): folds the slots into the total norm, the found-inf
+   flag and the multiplier ``coef = inv_scale * min(1, max_norm / (norm + eps))``.
+3. ``apply_kernel`` (one launch per bucket, one read-write pass): ``dst = src * coef``,
+   masked off entirely on the device when a non-finite value was found.
+
+Fixed slots instead of float atomics make the norm bitwise reproducible; the device-side
+mask instead of an ``if`` on the host keeps the step free of host synchronisation.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+
+NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
+FINALIZE_BLOCK = 1024
+
+
+def norm_kind(norm_type: float) -> int:
+    if math.isinf(norm_type):
+        return NORM_INF
+    return {1.0: NORM_L1, 2.0: NORM_L2}.get(norm_type, NORM_P)
+
+
+@triton.jit
+def norm_partials_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [n]: one bucket
+    inv_ptr,  # *fp32 [1]: inverse loss scale, read when INV_FROM_PTR
+    inv_value,  # fp32: inverse loss scale when not INV_FROM_PTR
+    partials_ptr,  # *fp32 [2, num_slots]: row 0 per-program Σ|x·inv|^p (max for inf); row 1 non-finite code
+    slot_base,  # this bucket's first slot
+    num_slots,  # row stride of partials
+    n,
+    tiles_per_program,
+    p,  # fp32 norm order, used when NORM_KIND == NORM_P
+    INV_FROM_PTR: tl.constexpr,
+    NORM_KIND: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    if INV_FROM_PTR:
+        inv = tl.load(inv_ptr).to(tl.float32)
+    else:
+        inv = inv_value
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    # Non-finite code per lane: 0 finite, 1 inf, 2 NaN. The finalize needs NaN apart from
+    # inf because max() does not propagate NaN on the GPU, yet torch's inf-norm does.
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(tiles_per_program):
+        tile = (i * num_programs + pid).to(tl.int64)
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32) * inv
+        a = tl.abs(x)
+        bad = tl.maximum(bad, tl.where(x != x, 2.0, tl.where(a == float("inf"), 1.0, 0.0)))
+        if NORM_KIND == 0:
+            acc = tl.maximum(acc, a)
+        elif NORM_KIND == 1:
+            acc += a
+        elif NORM_KIND == 2:
+            acc += a * a
+        else:
+            acc += tl.exp2(p * tl.log2(a))
+    if NORM_KIND == 0:
+        part = tl.max(acc, axis=0)
+    else:
+        part = tl.sum(acc, axis=0)
+    tl.store(partials_ptr + slot_base + pid, part)
+    tl.store(partials_ptr + num_slots + slot_base + pid, tl.max(bad, axis=0))
+
+
+@triton.jit
+def finalize_kernel(
+    partials_ptr,  # *fp32 [2, num_slots], from norm_partials_kernel
+    num_slots,
+    stats_ptr,  # *fp32 [3] out: total norm, found_inf (0/1), coef
+    inv_ptr,
+    inv_value,
+    max_norm,  # fp32, used when HAS_MAX_NORM
+    eps,
+    p,
+    INV_FROM_PTR: tl.constexpr,
+    NORM_KIND: tl.constexpr,
+    HAS_MAX_NORM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if INV_FROM_PTR:
+        inv = tl.load(inv_ptr).to(tl.float32)
+    else:
+        inv = inv_value
+    # fp64 for the sum over slots: it costs nothing in a single program and keeps the
+    # total accurate for any number of slots.
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    bad = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, num_slots, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < num_slots
+        v = tl.load(partials_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        bad = tl.maximum(bad, tl.load(partials_ptr + num_slots + offs, mask=mask, other=0.0))
+        if NORM_KIND == 0:
+            total = tl.maximum(total, v)
+        else:
+            total += v
+    if NORM_KIND == 0:
+        norm = tl.max(total, axis=0).to(tl.float32)
+    else:
+        s = tl.sum(total, axis=0).to(tl.float32)
+        if NORM_KIND == 1:
+            norm = s
+        elif NORM_KIND == 2:
+            norm = tl.sqrt(s)
+        else:
+            norm = tl.exp2(tl.log2(s) / p)
+    worst = tl.max(bad, axis=0)
+    norm = tl.where(worst == 2.0, float("nan"), norm)
+    # A norm that overflows fp32 counts as non-finite too: the same rule as the reference,
+    # which sees only the norm.
+    found_inf = tl.where((worst > 0.0) | (norm != norm) | (norm == float("inf")), 1.0, 0.0)
+    if HAS_MAX_NORM:
+        ratio = max_norm / (norm + eps)
+        # Written so that a NaN ratio stays NaN, as torch.clamp(ratio, max=1) does.
+        clip = tl.where(ratio > 1.0, 1.0, ratio)
+    else:
+        clip = 1.0
+    tl.store(stats_ptr + 0, norm)
+    tl.store(stats_ptr + 1, found_inf)
+    tl.store(stats_ptr + 2, inv * clip)
+
+
+@triton.jit
+def apply_kernel(
+    src_ptr,  # *fp32|bf16|fp16 [n]: bucket to read
+    dst_ptr,  # *fp32|bf16|fp16 [n]: where src * coef goes (may be src itself)
+    stats_ptr,  # *fp32 [3]: from finalize_kernel; [1] found_inf, [2] coef
+    n,
+    tiles_per_program,
+    SKIP_IF_NONFINITE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    coef = tl.load(stats_ptr + 2)
+    limit = n
+    if SKIP_IF_NONFINITE:
+        # Mask every lane off when found_inf: nothing is read or written, and the host
+        # never has to look at the flag.
+        limit = tl.where(tl.load(stats_ptr + 1) == 0.0, n, 0)
+    for i in range(tiles_per_program):
+        tile = (i * num_programs + pid).to(tl.int64)
+        offs = tile * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < limit
+        x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + offs, (x * coef).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+def unscale_clip_(
+    buckets: "list[torch.Tensor]",
+    inv_scale: "float | torch.Tensor",
+    max_norm: "float | None",
+    norm_type: float,
+    eps: float,
+    *,
+    out: "list[torch.Tensor] | None",
+    skip_if_nonfinite: bool,
+    max_programs: int = MAX_PROGRAMS,
+) -> torch.Tensor:
+    """Launch helper; inputs are validated by ``fusedaccum.ops``. Returns the fp32 ``stats``
+    tensor ``[total_norm, found_inf, coef]`` on the buckets' device."""
+    device = buckets[0].device
+    kind = norm_kind(norm_type)
+    p = 0.0 if kind == NORM_INF else float(norm_type)
+    inv_from_ptr = isinstance(inv_scale, torch.Tensor)
+    inv_ptr = inv_scale if inv_from_ptr else buckets[0]  # unused pointer when the scale is a float
+    inv_value = 0.0 if inv_from_ptr else float(inv_scale)
+
+    grids = [grid_for(b.numel(), max_programs) if b.numel() else (0, 0) for b in buckets]
+    num_slots = sum(programs for programs, _ in grids)
+    partials = torch.empty(2 * max(num_slots, 1), dtype=torch.float32, device=device)
+    stats = torch.empty(3, dtype=torch.float32, device=device)
+
+    slot_base = 0
+    for b, (programs, tiles) in zip(buckets, grids):
+        if programs == 0:
+            continue
+        # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
+        norm_partials_kernel[(programs,)](
+            b, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
+            INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+        slot_base += programs
+    # Grid: a single program folds all slots.
+    finalize_kernel[(1,)](
+        partials, num_slots, stats, inv_ptr, inv_value,
+        0.0 if max_norm is None else float(max_norm), float(eps), p,
+        INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, HAS_MAX_NORM=max_norm is not None,
+        BLOCK=FINALIZE_BLOCK, num_warps=4,
+    )
+    for i, (b, (programs, tiles)) in enumerate(zip(buckets, grids)):
+        if programs == 0:
+            continue
+        apply_kernel[(programs,)](
+            b, b if out is None else out[i], stats, b.numel(), tiles,
+            SKIP_IF_NONFINITE=skip_if_nonfinite, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+    return stats
