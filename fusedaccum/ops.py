@@ -82,8 +82,9 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     if _overlap(acc, grad):
         raise ValueError("acc and grad overlap in memory")
     s = _scalar(scale, "scale", acc.device)
-    return _backend.implementation(acc.device).accumulate_(
+    _backend.implementation(acc.device).accumulate_(
         acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
+    return acc
 
 
 def _as_list(tensors, name: str) -> list:

@@ -75,15 +75,19 @@ def unscale_clip_(
     else:
         coef = inv * torch.clamp(max_norm / (norm + eps), max=1.0)
     stats = torch.stack([norm, found_inf, coef])
-    # Skipping is decided on the device: the multiplier becomes exactly 1 and the write goes
-    # back to the source, so a skipped bucket keeps its bits (only NaN payloads may change).
-    multiplier = torch.where(found_inf > 0, 1.0, coef) if skip_if_nonfinite else coef
+    skip = found_inf > 0
     for i, b in enumerate(buckets):
-        if out is None:
-            b.mul_(multiplier)
-        elif skip_if_nonfinite:
-            # Leave out[i] as it was when found_inf; where() costs a read of out[i].
-            out[i].copy_(torch.where(found_inf > 0, out[i], b * coef))
+        dst = b if out is None else out[i]
+        if not skip_if_nonfinite:
+            if dst is b:
+                b.mul_(coef)
+            else:
+                dst.copy_(b * coef)
+        elif dst is b and b.dtype == torch.float32:
+            # Skipping is decided on the device: x * 1.0 keeps every bit of x (NaN payloads
+            # too), so one in-place pass serves both outcomes.
+            b.mul_(torch.where(skip, 1.0, coef))
         else:
-            out[i].copy_(b * coef)
+            # Rounding to bf16/fp16 canonicalises NaN, and dst may be another tensor: select.
+            torch.where(skip, dst, (b * coef).to(dst.dtype), out=dst)
     return stats

@@ -5,6 +5,20 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._tile import load_tile, store_tile
+
+
+@triton.jit
+def _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE: tl.constexpr, ZERO_GRAD: tl.constexpr,
+                     FULL: tl.constexpr):
+    g = load_tile(grad_ptr, offs, n, FULL).to(tl.float32)
+    if OVERWRITE:
+        a = g * scale
+    else:
+        a = load_tile(acc_ptr, offs, n, FULL) + g * scale
+    store_tile(acc_ptr, offs, n, a, FULL)
+    if ZERO_GRAD:
+        store_tile(grad_ptr, offs, n, tl.zeros_like(g), FULL)
 
 
 @triton.jit
@@ -28,17 +42,12 @@ def accumulate_kernel(
         scale = scale_value
     for i in range(tiles_per_program):
         # int64 before the multiply: a bucket may exceed 2**31 elements.
-        tile = (i * num_programs + pid).to(tl.int64)
-        offs = tile * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if OVERWRITE:
-            a = g * scale
+        start = (i * num_programs + pid).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE, ZERO_GRAD, True)
         else:
-            a = tl.load(acc_ptr + offs, mask=mask, other=0.0) + g * scale
-        tl.store(acc_ptr + offs, a, mask=mask)
-        if ZERO_GRAD:
-            tl.store(grad_ptr + offs, tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty), mask=mask)
+            _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE, ZERO_GRAD, False)
 
 
 def accumulate_(

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._tile import load_tile, store_tile
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
 FINALIZE_BLOCK = 1024
@@ -27,6 +28,22 @@ def norm_kind(norm_type: float) -> int:
     if math.isinf(norm_type):
         return NORM_INF
     return {1.0: NORM_L1, 2.0: NORM_L2}.get(norm_type, NORM_P)
+
+
+@triton.jit
+def _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
+    x = load_tile(x_ptr, offs, n, FULL).to(tl.float32) * inv
+    a = tl.abs(x)
+    bad = tl.maximum(bad, tl.where(x != x, 2.0, tl.where(a == float("inf"), 1.0, 0.0)))
+    if NORM_KIND == 0:
+        acc = tl.maximum(acc, a)
+    elif NORM_KIND == 1:
+        acc += a
+    elif NORM_KIND == 2:
+        acc += a * a
+    else:
+        acc += tl.exp2(p * tl.log2(a))
+    return acc, bad
 
 
 @triton.jit
@@ -55,19 +72,12 @@ def norm_partials_kernel(
     # inf because max() does not propagate NaN on the GPU, yet torch's inf-norm does.
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(tiles_per_program):
-        tile = (i * num_programs + pid).to(tl.int64)
-        offs = tile * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32) * inv
-        a = tl.abs(x)
-        bad = tl.maximum(bad, tl.where(x != x, 2.0, tl.where(a == float("inf"), 1.0, 0.0)))
-        if NORM_KIND == 0:
-            acc = tl.maximum(acc, a)
-        elif NORM_KIND == 1:
-            acc += a
-        elif NORM_KIND == 2:
-            acc += a * a
+        start = (i * num_programs + pid).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            acc, bad = _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND, True)
         else:
-            acc += tl.exp2(p * tl.log2(a))
+            acc, bad = _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND, False)
     if NORM_KIND == 0:
         part = tl.max(acc, axis=0)
     else:
@@ -135,6 +145,12 @@ def finalize_kernel(
 
 
 @triton.jit
+def _apply_tile(src_ptr, dst_ptr, offs, limit, coef, FULL: tl.constexpr):
+    x = load_tile(src_ptr, offs, limit, FULL).to(tl.float32)
+    store_tile(dst_ptr, offs, limit, x * coef, FULL)
+
+
+@triton.jit
 def apply_kernel(
     src_ptr,  # *fp32|bf16|fp16 [n]: bucket to read
     dst_ptr,  # *fp32|bf16|fp16 [n]: where src * coef goes (may be src itself)
@@ -149,15 +165,16 @@ def apply_kernel(
     coef = tl.load(stats_ptr + 2)
     limit = n
     if SKIP_IF_NONFINITE:
-        # Mask every lane off when found_inf: nothing is read or written, and the host
-        # never has to look at the flag.
+        # An empty range when found_inf: nothing is read or written, and the host never has
+        # to look at the flag.
         limit = tl.where(tl.load(stats_ptr + 1) == 0.0, n, 0)
     for i in range(tiles_per_program):
-        tile = (i * num_programs + pid).to(tl.int64)
-        offs = tile * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < limit
-        x = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dst_ptr + offs, (x * coef).to(dst_ptr.dtype.element_ty), mask=mask)
+        start = (i * num_programs + pid).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= limit:
+            _apply_tile(src_ptr, dst_ptr, offs, limit, coef, True)
+        else:
+            _apply_tile(src_ptr, dst_ptr, offs, limit, coef, False)
 
 
 def unscale_clip_(

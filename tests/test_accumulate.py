@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+import fusedaccum
+from fusedaccum.kernels._launch import BLOCK
+
+from helpers import GRAD_DTYPES, SIZES, assert_close, randn, same_bits
+
+
+def _scale(kind: str, value: float, device):
+    return value if kind == "float" else torch.tensor(value, device=device)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+@pytest.mark.parametrize("mode", ["add", "overwrite", "add+zero_grad"])
+def test_accumulate_matches_float64(backend, device, n, dtype, scale_kind, mode):
+    acc = randn(n, torch.float32, device, seed=1)
+    grad = randn(n, dtype, device, seed=2, scale=3.0)
+    overwrite, zero_grad = mode == "overwrite", mode == "add+zero_grad"
+    base = torch.zeros(n, dtype=torch.float64) if overwrite else acc.double().cpu()
+    expected = base + grad.double().cpu() * 0.37
+    grad_before = grad.clone()
+
+    out = fusedaccum.accumulate_(acc, grad, _scale(scale_kind, 0.37, device), zero_grad=zero_grad, overwrite=overwrite)
+
+    assert out is acc
+    assert_close(acc, expected, torch.float32)
+    if zero_grad:
+        assert torch.equal(grad, torch.zeros_like(grad))
+    else:
+        assert same_bits(grad, grad_before)
+
+
+def test_accumulate_accepts_any_grad_shape_and_cpu_scalar_tensor(backend, device):
+    acc = randn(12, torch.float32, device, seed=3)
+    grad = randn(12, torch.bfloat16, device, seed=4).view(3, 4)
+    expected = acc.double().cpu() + grad.double().cpu().reshape(-1) * 2
+    fusedaccum.accumulate_(acc, grad, torch.tensor(2.0, dtype=torch.float64))
+    assert_close(acc, expected, torch.float32)
+
+
+def test_accumulate_propagates_inf_and_nan(backend, device):
+    acc = randn(BLOCK + 1, torch.float32, device, seed=5)
+    grad = randn(BLOCK + 1, torch.bfloat16, device, seed=6)
+    grad[0], grad[BLOCK // 2], grad[-1] = float("inf"), float("nan"), -float("inf")
+    fusedaccum.accumulate_(acc, grad, 1.0)
+    assert acc[0].item() == float("inf") and acc[-1].item() == -float("inf")
+    assert torch.isnan(acc[BLOCK // 2])
+    assert torch.isfinite(acc[1:BLOCK // 2]).all() and torch.isfinite(acc[BLOCK // 2 + 1:-1]).all()
+
+
+def test_accumulate_is_deterministic(backend, device):
+    runs = []
+    for _ in range(2):
+        acc = randn(7919, torch.float32, device, seed=7)
+        fusedaccum.accumulate_(acc, randn(7919, torch.float16, device, seed=8), 1 / 3)
+        runs.append(acc)
+    assert same_bits(runs[0], runs[1])
+
+
+def test_grid_stride_loop_covers_every_tile(device):
+    """More tiles than programs: each program walks several tiles (the loop only large
+    buckets take on a GPU), forced here with a tiny program cap."""
+    if device.type == "cpu":
+        from conftest import _triton_usable
+
+        if _triton_usable("cpu"):
+            pytest.skip(_triton_usable("cpu"))
+    from fusedaccum.kernels.accumulate import accumulate_
+
+    n = 5 * BLOCK + 3
+    acc = randn(n, torch.float32, device, seed=9)
+    grad = randn(n, torch.bfloat16, device, seed=10)
+    expected = acc.double().cpu() + grad.double().cpu() * 0.5
+    accumulate_(acc, grad, 0.5, zero_grad=True, overwrite=False, max_programs=2)
+    assert_close(acc, expected, torch.float32)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+BAD_INPUTS = {
+    "acc not fp32": (lambda d: (torch.zeros(8, dtype=torch.bfloat16, device=d), torch.ones(8, device=d)), TypeError, "acc has dtype bfloat16"),
+    "grad integer": (lambda d: (torch.zeros(8, device=d), torch.ones(8, dtype=torch.int32, device=d)), TypeError, "grad has dtype int32"),
+    "grad float64": (lambda d: (torch.zeros(8, device=d), torch.ones(8, dtype=torch.float64, device=d)), TypeError, "grad has dtype float64"),
+    "sizes differ": (lambda d: (torch.zeros(8, device=d), torch.ones(9, device=d)), ValueError, "acc has 8 elements but grad has 9"),
+    "acc non-contiguous": (lambda d: (torch.zeros(16, device=d)[::2], torch.ones(8, device=d)), ValueError, "acc must be a dense contiguous"),
+    "grad non-contiguous": (lambda d: (torch.zeros(8, device=d), torch.ones(4, 4, device=d)[:, :2]), ValueError, "grad must be a dense contiguous"),
+    "mixed devices": (lambda d: (torch.zeros(8, device=d), torch.ones(8, device="meta")), ValueError, "grad on meta"),
+    "acc is grad": (lambda d: (lambda t: (t, t))(torch.zeros(8, device=d)), ValueError, "overlap"),
+    "acc not a tensor": (lambda d: ([0.0] * 8, torch.ones(8, device=d)), TypeError, "acc must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_accumulate_rejects_bad_input_and_changes_nothing(backend, device, case):
+    make, error, message = BAD_INPUTS[case]
+    acc, grad = make(device)
+    before = [t.clone() for t in (acc, grad) if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    with pytest.raises(error, match=message):
+        fusedaccum.accumulate_(acc, grad, 2.0, zero_grad=True)
+    after = [t for t in (acc, grad) if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    assert all(same_bits(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("scale, error, message", [
+    (torch.ones(2), ValueError, "scale must be a float or a one-element floating tensor"),
+    (torch.tensor(1), ValueError, "one-element floating tensor"),
+    ("2", TypeError, "scale must be a float"),
+    (True, TypeError, "scale must be a float"),
+])
+def test_accumulate_rejects_bad_scale(backend, device, scale, error, message):
+    acc, grad = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(error, match=message):
+        fusedaccum.accumulate_(acc, grad, scale, zero_grad=True)
+    assert torch.equal(acc, torch.zeros(4, device=device)) and torch.equal(grad, torch.ones(4, device=device))

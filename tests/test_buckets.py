@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+import fusedaccum
+
+from helpers import same_bits
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    return model
+
+
+def _grads_by_autograd(model, x):
+    twin = _model(next(model.parameters()).dtype)
+    twin.load_state_dict(model.state_dict())
+    twin(x).square().sum().backward()
+    return [p.grad.clone() for p in twin.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grads_are_views_into_one_bucket(dtype):
+    model = _model(dtype)
+    buckets = fusedaccum.GradBuckets(model.parameters())
+    (bucket,) = buckets.buckets
+    params = list(model.parameters())
+    assert bucket.numel == sum(p.numel() for p in params) and bucket.accum.dtype == torch.float32
+    assert (bucket.landing is None) == (dtype == torch.float32)
+    assert bucket.grads.dtype == dtype
+    for p, off in zip(params, bucket.offsets):
+        assert p.grad._base is bucket.grads and p.grad.storage_offset() == off
+        assert p.grad.shape == p.shape and p.grad.dtype == dtype
+
+    x = torch.randn(4, 5).to(dtype)
+    model(x).square().sum().backward()
+    model(x).square().sum().backward()  # autograd accumulates in place, into the bucket
+    want = _grads_by_autograd(model, x)
+    flat = torch.cat([w.reshape(-1) * 2 for w in want])
+    torch.testing.assert_close(bucket.grads, flat.to(dtype), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-3)
+    assert all(p.grad._base is bucket.grads for p in params)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_optimizer_zero_grad_keeps_views_and_zeroes(set_to_none):
+    model = _model()
+    buckets = fusedaccum.GradBuckets(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 5)
+    model(x).square().sum().backward()
+    opt.zero_grad(set_to_none=set_to_none)
+    model(x).square().sum().backward()
+    (bucket,) = buckets.buckets
+    assert all(p.grad is v for p, v in zip(bucket.params, bucket.views))
+    want = torch.cat([g.reshape(-1) for g in _grads_by_autograd(model, x)])
+    torch.testing.assert_close(bucket.accum, want)  # one backward's worth: zero_grad took effect
+
+
+def test_zero_grad_then_unused_param_reads_zero():
+    model = _model()
+    buckets = fusedaccum.GradBuckets(model.parameters())
+    model(torch.randn(2, 5)).sum().backward()
+    model.zero_grad()  # set_to_none
+    model[0](torch.randn(2, 5)).sum().backward()  # the second layer gets no gradient
+    (bucket,) = buckets.buckets
+    second = bucket.offsets[2]
+    assert torch.equal(bucket.accum[second:], torch.zeros_like(bucket.accum[second:]))
+    assert model[2].weight.grad is None  # what torch says too: no gradient this step
+    buckets.attach()
+    assert model[2].weight.grad is bucket.views[2]
+
+
+def test_skips_frozen_dedupes_and_groups_by_dtype():
+    a = torch.nn.Parameter(torch.ones(3))
+    frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)
+    h = torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))
+    buckets = fusedaccum.GradBuckets([a, frozen, h, a])
+    assert [b.params for b in buckets] == [[a], [h]]
+    assert frozen.grad is None
+    assert [b.dtype for b in buckets] == [torch.float32, torch.bfloat16]
+
+
+def test_existing_grad_is_copied_in():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.arange(4.0)
+    buckets = fusedaccum.GradBuckets([p])
+    assert torch.equal(buckets.buckets[0].accum, torch.arange(4.0))
+
+
+@pytest.mark.parametrize("params, error, message", [
+    ([torch.nn.Parameter(torch.ones(2, dtype=torch.float64))], TypeError, "dtype torch.float64"),
+    ([torch.nn.Parameter(torch.ones(2), requires_grad=False)], ValueError, "no parameter requires grad"),
+    ([{"params": []}], TypeError, "param groups"),
+    (["w"], TypeError, r"params\[0\] is a str"),
+])
+def test_bad_params_are_refused(params, error, message):
+    with pytest.raises(error, match=message):
+        fusedaccum.GradBuckets(params)
+
+
+def test_refused_params_keep_their_grads():
+    good = torch.nn.Parameter(torch.ones(2))
+    good.grad = torch.full((2,), 5.0)
+    bad = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        fusedaccum.GradBuckets([good, bad])
+    assert good.grad._base is None and torch.equal(good.grad, torch.full((2,), 5.0))
+
+
+def test_unscale_clip_over_buckets_updates_param_grads(backend, device):
+    params = [torch.nn.Parameter(torch.ones(s, device=device)) for s in (3, 4097, 1)]
+    buckets = fusedaccum.GradBuckets(params)
+    for p in params:
+        p.grad.fill_(2.0)
+    norm, found = fusedaccum.unscale_clip_([b.accum for b in buckets], 0.5, max_norm=1.0)
+    assert abs(float(norm) - (4101 ** 0.5)) < 1e-3 and float(found) == 0
+    for p in params:
+        torch.testing.assert_close(p.grad, torch.full_like(p, 1.0 / 4101 ** 0.5), rtol=1e-5, atol=0)
+    assert same_bits(params[1].grad, buckets.buckets[0].accum[3:4100].view(4097))

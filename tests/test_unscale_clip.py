@@ -1,0 +1,178 @@
+import math
+
+import pytest
+import torch
+
+import fusedaccum
+from fusedaccum.kernels._launch import BLOCK
+
+from helpers import GRAD_DTYPES, NORM_RTOL, SIZES, assert_close, norm64, randn, same_bits
+
+NORM_TYPES = [2.0, 1.0, float("inf"), 3.0]
+
+
+def _expected(buckets, inv, max_norm, p, eps=1e-6):
+    norm = float(norm64(buckets, p)) * abs(inv)
+    clip = 1.0 if max_norm is None else min(1.0, max_norm / (norm + eps))
+    return norm, [b.double().cpu() * inv * clip for b in buckets]
+
+
+def _check_norm(total_norm, expected):
+    assert total_norm.dtype == torch.float32 and total_norm.shape == ()
+    assert math.isclose(float(total_norm), expected, rel_tol=NORM_RTOL, abs_tol=1e-30)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_unscale_clip_matches_float64(backend, device, n, dtype, p):
+    bucket = randn(n, dtype, device, seed=n, scale=64.0)
+    inv = 1 / 64
+    norm, expected = _expected([bucket], inv, 0.5, p)
+
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, inv, max_norm=0.5, norm_type=p)
+
+    _check_norm(total_norm, norm)
+    assert float(found_inf) == 0.0 and found_inf.dtype == torch.float32
+    assert_close(bucket, expected[0], dtype)
+
+
+@pytest.mark.parametrize("inv_kind", ["float", "device tensor", "cpu tensor"])
+@pytest.mark.parametrize("max_norm", [None, 1e-3, 1e6])
+def test_several_buckets_inv_scale_kinds_and_clip_modes(backend, device, inv_kind, max_norm):
+    buckets = [randn(BLOCK + 1, torch.float32, device, 1, 8.0), randn(0, torch.bfloat16, device, 2),
+               randn(7919, torch.bfloat16, device, 3, 8.0), randn(1, torch.float16, device, 4, 8.0)]
+    inv = {"float": 0.125, "device tensor": torch.tensor(0.125, device=device),
+           "cpu tensor": torch.tensor(0.125)}[inv_kind]
+    norm, expected = _expected(buckets, 0.125, max_norm, 2.0)
+
+    total_norm, found_inf = fusedaccum.unscale_clip_(buckets, inv, max_norm=max_norm)
+
+    _check_norm(total_norm, norm)
+    assert float(found_inf) == 0.0
+    for b, e in zip(buckets, expected):
+        assert_close(b, e, b.dtype)
+    if max_norm == 1e-3:  # clipping was active: the result has the requested norm
+        assert math.isclose(float(norm64(buckets, 2.0)), 1e-3, rel_tol=2e-2)
+
+
+def test_out_receives_result_and_buckets_keep_sums(backend, device):
+    acc = [randn(BLOCK - 1, torch.float32, device, 5, 4.0), randn(17, torch.float32, device, 6, 4.0)]
+    out = [torch.full((BLOCK - 1,), 7.0, dtype=torch.bfloat16, device=device), torch.empty(17, dtype=torch.float16, device=device)]
+    before = [a.clone() for a in acc]
+    norm, expected = _expected(acc, 0.5, 2.0, 2.0)
+
+    total_norm, found_inf = fusedaccum.unscale_clip_(acc, 0.5, max_norm=2.0, out=out)
+
+    _check_norm(total_norm, norm)
+    assert all(same_bits(a, b) for a, b in zip(acc, before))
+    for o, e in zip(out, expected):
+        assert_close(o, e, o.dtype)
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("use_out", [False, True])
+def test_nonfinite_sets_found_inf_and_leaves_buckets_bit_identical(backend, device, dtype, where, bad, use_out):
+    buckets = [randn(BLOCK + 1, dtype, device, 7), randn(300, torch.float32, device, 8)]
+    index = {"first": 0, "middle": BLOCK // 2, "last": BLOCK}[where]
+    buckets[0][index] = bad
+    out = [torch.full((b.numel(),), 3.0, dtype=torch.bfloat16, device=device) for b in buckets] if use_out else None
+    before = [b.clone() for b in buckets] + ([o.clone() for o in out] if use_out else [])
+
+    total_norm, found_inf = fusedaccum.unscale_clip_(buckets, torch.tensor(0.5, device=device), max_norm=1.0, out=out)
+
+    assert float(found_inf) == 1.0
+    assert math.isnan(float(total_norm)) if bad != bad else float(total_norm) == float("inf")
+    after = buckets + (out if use_out else [])
+    assert all(same_bits(a, b) for a, b in zip(after, before))
+
+
+def test_inf_norm_with_nan_is_nan_like_torch(backend, device):
+    bucket = randn(BLOCK + 1, torch.float32, device, 9)
+    bucket[5] = float("nan")
+    bucket[6] = float("inf")
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 1.0, norm_type=float("inf"))
+    assert math.isnan(float(total_norm)) and float(found_inf) == 1.0
+    assert math.isnan(float(torch.linalg.vector_norm(bucket, float("inf"))))
+
+
+def test_inf_inv_scale_is_found(backend, device):
+    bucket = randn(100, torch.float32, device, 10)
+    before = bucket.clone()
+    _, found_inf = fusedaccum.unscale_clip_(bucket, float("inf"))
+    assert float(found_inf) == 1.0 and same_bits(bucket, before)
+
+
+def test_norm_overflow_counts_as_nonfinite(backend, device):
+    """Finite elements whose fp32 sum of squares overflows: the norm is inf in both
+    backends, so the step is skipped rather than clipped to zero."""
+    bucket = torch.full((64,), 3e38, device=device)
+    before = bucket.clone()
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 1.0, max_norm=1.0)
+    assert float(found_inf) == 1.0 and float(total_norm) == float("inf") and same_bits(bucket, before)
+
+
+def test_empty_buckets_give_zero_norm(backend, device):
+    bucket = torch.empty(0, device=device)
+    total_norm, found_inf = fusedaccum.unscale_clip_([bucket, torch.empty(0, dtype=torch.bfloat16, device=device)], 2.0, max_norm=1.0)
+    assert float(total_norm) == 0.0 and float(found_inf) == 0.0
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_unscale_clip_is_deterministic(backend, device, p):
+    results = []
+    for _ in range(2):
+        buckets = [randn(7919, torch.float32, device, 11, 5.0), randn(BLOCK + 1, torch.bfloat16, device, 12)]
+        total_norm, _ = fusedaccum.unscale_clip_(buckets, 0.3, max_norm=1.0, norm_type=p)
+        results.append([total_norm] + buckets)
+    assert all(same_bits(a, b) for a, b in zip(*results))
+
+
+def test_grid_stride_partials(device):
+    """More tiles than programs: per-program partials cover several tiles each."""
+    from conftest import _triton_usable
+
+    if _triton_usable(device.type):
+        pytest.skip(_triton_usable(device.type))
+    from fusedaccum.kernels.unscale_clip import unscale_clip_
+
+    buckets = [randn(5 * BLOCK + 3, torch.float32, device, 13), randn(2 * BLOCK + 1, torch.bfloat16, device, 14)]
+    for p in NORM_TYPES:
+        work = [b.clone() for b in buckets]
+        norm, expected = _expected(work, 0.5, 1.0, p)
+        stats = unscale_clip_(work, 0.5, 1.0, p, 1e-6, out=None, skip_if_nonfinite=True, max_programs=2)
+        _check_norm(stats[0], norm)
+        for w, e in zip(work, expected):
+            assert_close(w, e, w.dtype)
+
+
+BAD = {
+    "empty list": (lambda d: ([], {}), ValueError, "buckets is empty"),
+    "int bucket": (lambda d: ([torch.ones(4, dtype=torch.int32, device=d)], {}), TypeError, r"buckets\[0\] has dtype int32"),
+    "float64 bucket": (lambda d: ([torch.ones(4, dtype=torch.float64, device=d)], {}), TypeError, "float64"),
+    "non-contiguous": (lambda d: ([torch.ones(4, device=d), torch.ones(8, device=d)[::2]], {}), ValueError, r"buckets\[1\] must be a dense contiguous"),
+    "mixed devices": (lambda d: ([torch.ones(4, device=d), torch.ones(4, device="meta")], {}), ValueError, r"buckets\[1\] is on meta"),
+    "same bucket twice": (lambda d: (lambda t: ([t, t], {}))(torch.ones(4, device=d)), ValueError, "overlap"),
+    "bad norm_type": (lambda d: ([torch.ones(4, device=d)], {"norm_type": 0.0}), ValueError, "norm_type must be a positive"),
+    "nan norm_type": (lambda d: ([torch.ones(4, device=d)], {"norm_type": float("nan")}), ValueError, "norm_type"),
+    "negative max_norm": (lambda d: ([torch.ones(4, device=d)], {"max_norm": -1.0}), ValueError, "max_norm must be >= 0"),
+    "negative eps": (lambda d: ([torch.ones(4, device=d)], {"eps": -1.0}), ValueError, "eps must be"),
+    "inv_scale vector": (lambda d: ([torch.ones(4, device=d)], {"inv_scale": torch.ones(2)}), ValueError, "inv_scale must be"),
+    "out wrong size": (lambda d: ([torch.ones(4, device=d)], {"out": [torch.zeros(5, device=d)]}), ValueError, r"out\[0\] \(5 elements"),
+    "out wrong count": (lambda d: ([torch.ones(4, device=d)], {"out": []}), ValueError, "out has 0 tensors for 1 buckets"),
+}
+
+
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_unscale_clip_rejects_bad_input_and_changes_nothing(backend, device, case):
+    make, error, message = BAD[case]
+    buckets, kwargs = make(device)
+    real = [b for b in buckets if b.device.type != "meta"] + [o for o in kwargs.get("out", [])]
+    before = [t.clone() for t in real]
+    with pytest.raises(error, match=message):
+        fusedaccum.unscale_clip_(buckets, **{"inv_scale": 0.5, "max_norm": 0.1, **kwargs})
+    assert all(same_bits(a, b) for a, b in zip(real, before))
