@@ -1,7 +1,10 @@
 """fusedaccum: fused gradient-accumulation ops (Triton on CUDA, pure PyTorch elsewhere)."""
 
+from .accumulator import GradAccumulator, StepResult
 from .buckets import Bucket, GradBuckets
 from .ops import accumulate_, clip_grad_norm_, unscale_clip_
+from .scaler import LossScaler
 
-__all__ = ["Bucket", "GradBuckets", "accumulate_", "clip_grad_norm_", "unscale_clip_"]
+__all__ = ["Bucket", "GradAccumulator", "GradBuckets", "LossScaler", "StepResult", "accumulate_",
+           "clip_grad_norm_", "unscale_clip_"]
 __version__ = "0.1.0"

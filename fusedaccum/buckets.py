@@ -1,11 +1,14 @@
 """Flat gradient buckets: every parameter's ``.grad`` is a view into one contiguous buffer
 per (device, dtype), so the fused ops touch a whole model in one launch per bucket."""
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .ops import GRAD_DTYPES
+
+_OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
 
 
 @dataclass(eq=False)
@@ -45,6 +48,9 @@ class GradBuckets:
     gradient of a backward the bucket's gradient buffer is zeroed (what ``zero_grad`` meant) and each fresh
     gradient is copied into its view. The one case it cannot repair is ``set_to_none`` on
     only some parameters of a bucket: call ``zero_()`` (or ``zero_grad(set_to_none=False)``).
+
+    A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
+    them up.
     """
 
     def __init__(self, params, *, accum_dtype: torch.dtype = torch.float32):
@@ -66,6 +72,13 @@ class GradBuckets:
                                 "supported: float32, bfloat16, float16")
             if p.is_sparse:
                 raise TypeError(f"params[{i}] is sparse; only dense parameters are supported")
+            owner = getattr(p, _OWNER_ATTR, None)
+            if owner is not None and owner() is not None:
+                # Two owners would re-point and zero each other's views on every backward.
+                raise ValueError(
+                    f"params[{i}] (shape {tuple(p.shape)}) already belongs to another GradBuckets "
+                    "(e.g. a GradAccumulator built earlier over the same model): call .release() on "
+                    "that one first")
             seen.add(id(p))
             unique.append(p)
         if not unique:
@@ -90,6 +103,9 @@ class GradBuckets:
                 if p.grad is not None:
                     view.copy_(p.grad)
                 b.views.append(view)
+        owner = weakref.ref(self)
+        for p in unique:
+            setattr(p, _OWNER_ATTR, owner)
         self._zeroed_this_backward: set = set()  # buckets whose grads this backward zeroed
         self._hooks = []
         self.attach()
@@ -128,11 +144,19 @@ class GradBuckets:
             if b.landing is not None:
                 b.landing.zero_()
 
-    def remove_hooks(self) -> None:
-        """Stop watching for detached gradients (the views stay attached)."""
+    def release(self) -> None:
+        """Give the parameters up: remove the hooks and the ownership mark, so another
+        GradBuckets may take them. Each ``param.grad`` keeps its current values as its own
+        tensor, detached from the buckets."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for b in self.buckets:
+            for p, view in zip(b.params, b.views):
+                if getattr(p, _OWNER_ATTR, lambda: None)() is self:
+                    delattr(p, _OWNER_ATTR)
+                if p.grad is view:
+                    p.grad = view.clone()
 
     @property
     def params(self) -> list:

@@ -140,7 +140,8 @@ def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP
     """Unscale, check for inf/NaN, take the global norm and clip, over flat buckets.
 
     One read pass computes ``found_inf`` (0-d fp32: 1.0 if any element of
-    ``buckets * inv_scale`` is inf/NaN, or if their norm overflows fp32) and ``total_norm``
+    ``buckets * inv_scale`` is inf/NaN, or if the fp32 sum of ``|bucket|^p`` overflows; the
+    raw values are summed and ``|inv_scale|`` applied at the end) and ``total_norm``
     (0-d fp32: the ``norm_type``-norm of all of ``buckets * inv_scale``, before clipping).
     Then, unless ``found_inf``, every bucket is multiplied in place (or written into the
     matching tensor of ``out``) by ``inv_scale * min(1, max_norm / (total_norm + eps))``;

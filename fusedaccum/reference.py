@@ -59,9 +59,10 @@ def unscale_clip_(
 ) -> torch.Tensor:
     """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef]``."""
     device = buckets[0].device
-    # One read pass: ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied.
-    # An inf/NaN element makes the norm inf/NaN, so the norm doubles as the non-finite check
-    # (a norm that overflows fp32 counts as non-finite too, in both backends).
+    # One read pass: ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied
+    # (the Triton kernels also sum the raw values and multiply by |inv| at the end). An
+    # inf/NaN element makes the norm inf/NaN, so the norm doubles as the non-finite check;
+    # a norm of the raw values that overflows fp32 counts as non-finite too, in both backends.
     parts = [part for b in buckets for part in _partial_norms(b, norm_type)]
     if parts:
         raw = torch.linalg.vector_norm(torch.cat(parts).double(), norm_type).float()

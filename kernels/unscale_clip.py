@@ -1,9 +1,10 @@
 """Unscale + inf/NaN check + global norm + clip over flat buckets, in three launches:
 
 1. ``norm_partials_kernel`` (one launch per bucket, one read pass): each program writes the
-   partial norm of its share of ``bucket * inv_scale`` and a non-finite code into fixed slots.
-2. ``finalize_kernel`` (one program): folds the slots into the total norm, the found-inf
-   flag and the multiplier ``coef = inv_scale * min(1, max_norm / (norm + eps))``.
+   partial norm of its share of the bucket and a non-finite code of ``bucket * inv_scale``
+   into fixed slots.
+2. ``finalize_kernel`` (one program): folds the slots into the total norm (times
+   ``|inv_scale|``), the found-inf flag and the multiplier ``coef = inv_scale * min(1, max_norm / (norm + eps))``.
 3. ``apply_kernel`` (one launch per bucket, one read-write pass): ``dst = src * coef``,
    masked off entirely on the device when a non-finite value was found.
 
@@ -32,9 +33,12 @@ def norm_kind(norm_type: float) -> int:
 
 @triton.jit
 def _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
-    x = load_tile(x_ptr, offs, n, FULL).to(tl.float32) * inv
+    x = load_tile(x_ptr, offs, n, FULL).to(tl.float32)
+    # The flag looks at the unscaled value; the norm sums the raw one and the finalize
+    # multiplies by |inv|, as the reference does, so both backends overflow alike.
+    y = x * inv
+    bad = tl.maximum(bad, tl.where(y != y, 2.0, tl.where(tl.abs(y) == float("inf"), 1.0, 0.0)))
     a = tl.abs(x)
-    bad = tl.maximum(bad, tl.where(x != x, 2.0, tl.where(a == float("inf"), 1.0, 0.0)))
     if NORM_KIND == 0:
         acc = tl.maximum(acc, a)
     elif NORM_KIND == 1:
@@ -51,7 +55,7 @@ def norm_partials_kernel(
     x_ptr,  # *fp32|bf16|fp16 [n]: one bucket
     inv_ptr,  # *fp32 [1]: inverse loss scale, read when INV_FROM_PTR
     inv_value,  # fp32: inverse loss scale when not INV_FROM_PTR
-    partials_ptr,  # *fp32 [2, num_slots]: row 0 per-program Σ|x·inv|^p (max for inf); row 1 non-finite code
+    partials_ptr,  # *fp32 [2, num_slots]: row 0 per-program Σ|x|^p (max for inf); row 1 non-finite code of x·inv
     slot_base,  # this bucket's first slot
     num_slots,  # row stride of partials
     n,
@@ -128,6 +132,7 @@ def finalize_kernel(
             norm = tl.sqrt(s)
         else:
             norm = tl.exp2(tl.log2(s) / p)
+    norm = norm * tl.abs(inv)
     worst = tl.max(bad, axis=0)
     norm = tl.where(worst == 2.0, float("nan"), norm)
     # A norm that overflows fp32 counts as non-finite too: the same rule as the reference,

@@ -117,3 +117,31 @@ def test_unscale_clip_over_buckets_updates_param_grads(backend, device):
     for p in params:
         torch.testing.assert_close(p.grad, torch.full_like(p, 1.0 / 4101 ** 0.5), rtol=1e-5, atol=0)
     assert same_bits(params[1].grad, buckets.buckets[0].accum[3:4100].view(4097))
+
+
+def test_a_parameter_has_one_owner_until_released():
+    model = _model()
+    first = fusedaccum.GradBuckets(model.parameters())
+    with pytest.raises(ValueError, match=r"params\[0\] \(shape \(7, 5\)\) already belongs to another GradBuckets"):
+        fusedaccum.GradBuckets(model.parameters())
+    assert all(p.grad is v for p, v in zip(first.buckets[0].params, first.buckets[0].views))  # untouched
+    model(torch.randn(2, 5)).sum().backward()
+    kept = [p.grad.clone() for p in model.parameters()]
+    first.release()
+    assert all(p.grad._base is None and torch.equal(p.grad, k) for p, k in zip(model.parameters(), kept))
+    second = fusedaccum.GradBuckets(model.parameters())
+    torch.testing.assert_close(second.buckets[0].accum, torch.cat([k.reshape(-1) for k in kept]))
+    model.zero_grad()
+    model(torch.randn(2, 5)).sum().backward()  # only the new owner's hooks run
+    assert all(p.grad is v for p, v in zip(second.buckets[0].params, second.buckets[0].views))
+
+
+def test_a_collected_owner_frees_its_parameters():
+    import gc
+
+    model = _model()
+    buckets = fusedaccum.GradBuckets(model.parameters())
+    buckets.release()
+    del buckets
+    gc.collect()
+    fusedaccum.GradBuckets(model.parameters())  # no error
