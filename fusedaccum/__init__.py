@@ -2,9 +2,10 @@
 
 from .accumulator import GradAccumulator, StepResult
 from .buckets import Bucket, GradBuckets
+from .distributed import broadcast_parameters
 from .ops import accumulate_, clip_grad_norm_, unscale_clip_
 from .scaler import LossScaler
 
 __all__ = ["Bucket", "GradAccumulator", "GradBuckets", "LossScaler", "StepResult", "accumulate_",
-           "clip_grad_norm_", "unscale_clip_"]
+           "broadcast_parameters", "clip_grad_norm_", "unscale_clip_"]
 __version__ = "0.1.0"

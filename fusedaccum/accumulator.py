@@ -23,17 +23,28 @@ Bucket life cycle (``b`` one ``GradBuckets`` bucket):
 
 The only host sync on the step path is ``found_inf.item()`` for optimizers without the
 fused AMP contract (one per optimizer step); see ``GradAccumulator.step``.
+
+Data parallel (``fusedaccum.distributed``): exactly one party all-reduces the window, once
+per step. Without a DDP wrapper the accumulator does, in ``step`` right before the fused
+pass: ``all_reduce(SUM)`` of every ``b.accum`` (async, all launched, then waited on), and
+the normalizer becomes global (``world_size * micro_batches``, or the all-reduced item
+count), so ``coef``, the norm and ``found_inf`` are those of the global gradient on every
+rank: all ranks skip or step together with no collective for the decision. Under DDP
+(fp32 parameters only) DDP's mean all-reduce of the window happens in the last backward
+(``no_sync`` before), and the multiplier becomes ``world_size / global_items``.
 """
 
 import contextlib
 import math
 import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import distributed as _dist
 from .buckets import GradBuckets
 from .ops import CLIP_EPS, _norm_order, _unscale_clip_stats, accumulate_
 from .scaler import LossScaler
@@ -51,9 +62,10 @@ class StepResult:
         normalized, unscaled gradient before clipping (inf/NaN when ``found_inf``).
     found_inf: 0-d fp32 device tensor, 1.0 when the gradient held inf/NaN and the optimizer
         step was skipped, else 0.0.
-    micro_batches: how many micro-batches the window accumulated.
+    micro_batches: how many micro-batches the window accumulated (on this rank).
     num_items: the window's total items (int, float or 0-d device tensor), or None when the
-        window was normalized by ``micro_batches``.
+        window was normalized by ``micro_batches``. Data parallel: the total over all ranks
+        (0-d fp64 device tensor), the number the gradient was divided by.
     """
 
     total_norm: torch.Tensor
@@ -75,6 +87,11 @@ class GradAccumulator:
         norm_type: order of the norm (a number > 0, or ``inf``), as in ``clip_grad_norm_``.
         scaler: a ``LossScaler`` for fp16 training (None: no loss scaling).
         accum_dtype: the accumulation dtype; only ``torch.float32`` is supported.
+        process_group: who all-reduces the gradients across data-parallel ranks (see below).
+            None (default): the default group when torch.distributed is initialized with
+            world size > 1 and no DistributedDataParallel model has been shown to this
+            accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
+            communicate (the parameters are not data-parallel).
 
     Usage::
 
@@ -95,13 +112,39 @@ class GradAccumulator:
     ``optimizer.zero_grad()`` is not needed (each window starts from zero by itself) but
     harmless between windows, and with ``set_to_none=True`` (the default) also within one.
     Never ``zero_grad(set_to_none=False)`` inside a window: for fp32 parameters it erases the sum.
-    Build one GradAccumulator per set of parameters: two over the same parameters (two
-    ``GradBuckets``) fight over ``param.grad`` and corrupt each other's sums.
+    A parameter belongs to one GradAccumulator at a time: building a second one over the
+    same parameters raises until ``release()`` is called on the first.
+
+    Data parallel (run the same loop on every rank, each on its share of the data):
+
+    - no DDP wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
+      ``world_size * micro_batches`` (or by the global item count, itself all-reduced).
+      Nothing is communicated during the micro-batches. Broadcast the initial weights
+      first (``fusedaccum.broadcast_parameters(model)``), as DDP's constructor would.
+    - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
+      (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
+      ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
+      the accumulator communicates only the item count (with ``num_items``).
+      Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
+      (DDP would reduce every micro-batch), with ``gradient_as_bucket_view=True`` (DDP would
+      take ``param.grad`` away from the buckets), or not covering all the parameters.
+
+    One reducer only: a DDP model shown to the accumulator turns its own reduction off; a
+    DDP model with an explicit ``process_group`` (or False) raises, and so does a DDP model
+    shown only after the accumulator has already reduced a window itself. The accumulator
+    cannot see a DDP wrapper it is never shown: that model gets no ``no_sync``, DDP
+    averages every micro-batch's running sum and the accumulator sums once more, which is
+    still the right gradient (both are linear, and averaging equal values changes nothing)
+    but K+1 all-reduces per window instead of one; show the model.
+    ``step(force=True)`` is exact when the partial window's length differs across ranks: it
+    all-reduces the micro-batch count too. The calls are collectives: every rank needs at
+    least one micro-batch per window and must call ``step`` alike (same ``force``,
+    ``num_items`` on all ranks or on none).
     """
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
-                 accum_dtype: torch.dtype = torch.float32):
+                 accum_dtype: torch.dtype = torch.float32, process_group=None):
         # Validate everything before the buckets re-point any param.grad.
         if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
                 or accumulation_steps < 1):
@@ -124,6 +167,10 @@ class GradAccumulator:
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}: "
                              "the global norm and the skip decision are taken on one device")
+        _dist.check_process_group(process_group)
+        if module is not None and _dist.is_ddp(module):
+            _dist.check_ddp(module, [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
+                            process_group)
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
         self.accumulation_steps = int(accumulation_steps)
@@ -141,6 +188,15 @@ class GradAccumulator:
         self._optimizers_checked: dict = {}
         self._bn_warned = False
         self._bn_checked: set = set()
+        self._process_group = process_group
+        # Who all-reduces: _ddp_comm once a DDP model has been shown; else _comm, fixed at the
+        # first step that reduces (an auto "nobody" stays open: a DDP model may still come).
+        self._ddp_comm: "_dist.Comm | None" = None
+        self._comm: "_dist.Comm | None" = None
+        self._ddp_checked = weakref.WeakSet()  # the DDP models already checked
+        if module is not None and _dist.is_ddp(module):
+            self._ddp_checked.add(module)
+            self._ddp_comm = _dist.ddp_comm(module)
         self._reset_window()
 
     # ------------------------------------------------------------------ window state
@@ -240,10 +296,19 @@ class GradAccumulator:
         micro-batch of an epoch whose partial window you close with ``step(force=True)``.
 
         no_sync is used only when every parameter is fp32: bf16/fp16 gradients move from
-        ``param.grad`` into the fp32 bucket after each backward, so DDP must reduce each
-        micro-batch (a skipped reduce could not be caught up). Also warns once when
-        ``model`` holds BatchNorm layers in training mode.
+        ``param.grad`` into the fp32 bucket after each backward, so a wrapper must reduce
+        each micro-batch (a skipped reduce could not be caught up; a real DDP model is
+        refused in that case, see below). Also warns once when ``model`` holds BatchNorm
+        layers in training mode.
+
+        A ``DistributedDataParallel`` model turns the accumulator's own all-reduce off (DDP
+        reduces) after checking that DDP can do it right; it raises, before the forward and
+        changing nothing, for bf16/fp16 parameters, ``gradient_as_bucket_view=True``, DDP not
+        covering every parameter, an explicit ``process_group``, or an accumulator that has
+        already reduced a window itself (see the class docstring).
         """
+        if _dist.is_ddp(model) and model not in self._ddp_checked:
+            self._adopt_ddp(model)
         self._warn_batchnorm(model)
         no_sync = getattr(model, "no_sync", None)
         last = self._micro + 1 >= self.accumulation_steps
@@ -256,6 +321,22 @@ class GradAccumulator:
         with no_sync():
             yield
         self._unsynced = True
+
+    def _adopt_ddp(self, ddp) -> None:
+        """DDP all-reduces from now on: check it can, then turn the accumulator's reduction off."""
+        _dist.check_ddp(ddp, self.buckets.params, self._process_group)
+        if self._comm is not None and self._comm.reduces_grads:
+            raise RuntimeError(
+                "this GradAccumulator has already all-reduced its own gradients (process_group=None chose "
+                "the default group at its first step, when no DistributedDataParallel model had been shown "
+                "to it); with a DDP model now, both would reduce. Show the DDP model from the start: "
+                "GradAccumulator(ddp_model, ...), or accumulate(ddp_model) on every micro-batch")
+        comm = _dist.ddp_comm(ddp)
+        if self._ddp_comm is not None and self._ddp_comm != comm:
+            raise ValueError("a second DistributedDataParallel model with another process group: one "
+                             "GradAccumulator follows one DDP model")
+        self._ddp_comm = comm
+        self._ddp_checked.add(ddp)
 
     def backward(self, loss: torch.Tensor, num_items=None) -> None:
         """Backward of one micro-batch's ``loss``, folded into the window's buckets.
@@ -310,16 +391,40 @@ class GradAccumulator:
                 b.landing.zero_()  # accum is reset lazily by overwrite=True
 
     # ------------------------------------------------------------------ step
-    def _inv_scale(self):
-        """1 / (loss_scale * normalizer): a float, or a 0-d fp32 device tensor (no sync)."""
-        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
+    def _resolve_comm(self) -> "_dist.Comm":
+        """Who all-reduces this window (see the class docstring)."""
+        if self._ddp_comm is not None:
+            return self._ddp_comm
+        if self._comm is None:
+            comm = _dist.resolve(self._process_group)
+            if comm.kind == "local" and self._process_group is None:
+                return comm  # not fixed: torch.distributed may be initialized, a DDP model shown, later
+            self._comm = comm
+        return self._comm
+
+    def _normalizer(self, comm: "_dist.Comm", force: bool):
+        """The window's normalizer, global over the ranks: (host number or 0-d fp64 device
+        tensor, work handles to wait on). Launches the count's all-reduce when it can differ
+        between ranks (num_items, or a forced partial window); no host sync."""
         host = self._items_host if self._items_given else self._micro
         dev = self._items_dev if self._items_given else None
-        if scale is None and dev is None:
-            return 1.0 / host
-        denom = dev + host if dev is not None else None
+        if not comm.communicates:
+            return (host if dev is None else dev + host), []
+        if not (self._items_given or force):
+            # Every rank closes a full window of accumulation_steps micro-batch means.
+            return host * comm.world_size, []
+        count = torch.full((1,), host, dtype=torch.float64, device=self.device)
+        if dev is not None:
+            count += dev
+        return count.reshape(()), _dist.all_reduce_async([count], comm.group)
+
+    def _inv_scale(self, denom):
+        """1 / (loss_scale * denom): a float, or a 0-d fp32 device tensor (no sync)."""
+        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
+        if scale is None and not isinstance(denom, torch.Tensor):
+            return 1.0 / denom
         if scale is not None:
-            denom = scale.double() * (host if denom is None else denom)
+            denom = scale.double() * denom
         return denom.reciprocal().float()
 
     def step(self, optimizer, *, force: bool = False) -> "StepResult | None":
@@ -337,6 +442,11 @@ class GradAccumulator:
         receive ``found_inf`` as a device tensor and skip on the device: no sync. Any other
         optimizer costs exactly one sync per optimizer step (``found_inf.item()`` decides
         whether to call ``optimizer.step()``). Nothing else reads the device.
+
+        Data parallel, without DDP: before the fused pass, one ``all_reduce(SUM)`` per
+        bucket, plus one of the window's item count (fp64, one element, on the device) with
+        ``num_items`` or ``force=True``; under DDP only that count. All launched at once
+        (``async_op=True``), then waited on. A collective: call it on every rank alike.
         """
         if self._micro == 0:
             if force:
@@ -346,7 +456,9 @@ class GradAccumulator:
         if self._micro < self.accumulation_steps and not force:
             return None
         self._check_optimizer(optimizer)
-        if self._items_given and self._items_dev is None and self._items_host == 0:
+        comm = self._resolve_comm()
+        if (self._items_given and self._items_dev is None and self._items_host == 0
+                and not comm.communicates):  # one rank's share may hold 0 items, the world's not
             raise ValueError(f"the window's {self._micro} micro-batches hold 0 items in total (num_items): "
                              "nothing to normalize by")
         if self._unsynced:
@@ -355,14 +467,26 @@ class GradAccumulator:
                 "were never all-reduced; use accumulate(model, sync=True) on the last micro-batch of a "
                 "partial window")
 
-        stats = _unscale_clip_stats(self._accums, self._inv_scale(), self.max_norm, self.norm_type, CLIP_EPS,
+        # Data parallel: the count (tiny, needed first) and then every bucket, all in flight at
+        # once; waiting makes the fused pass below see the global sums (on CUDA/NCCL wait()
+        # orders the streams, the host does not block).
+        denom, works = self._normalizer(comm, force)
+        if comm.reduces_grads:
+            works += _dist.all_reduce_async(self._accums, comm.group)
+        for work in works:
+            work.wait()
+        global_items = denom if self._items_given and comm.communicates else None
+        if comm.kind == "ddp" and comm.communicates:
+            # DDP averaged the sums over the ranks: multiply by world_size / global count.
+            denom = denom / comm.world_size if isinstance(denom, torch.Tensor) else self._micro
+        stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs)
         total_norm, found_inf = stats[0], stats[1]
         self._optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf)
         result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._micro,
-                            num_items=self._window_items())
+                            num_items=self._window_items() if global_items is None else global_items)
         self._reset_window()
         return result
 
@@ -394,7 +518,9 @@ class GradAccumulator:
         """The partial window (bucket sums, micro-batch and item counts) and the scaler.
 
         Save it with the model's and optimizer's state dicts; a run resumed from the three
-        continues bit-identically. Reads the scaler's scale on the host (one sync)."""
+        continues bit-identically. Reads the scaler's scale on the host (one sync).
+        Data parallel: mid-window the sums are this rank's own (not yet all-reduced), so
+        every rank saves and loads its own state dict."""
         mid_window = self._micro > 0
         return {
             "version": _STATE_VERSION,
