@@ -1,0 +1,175 @@
+"""Smoke tests of the bench code itself (python -m fusedaccum bench): no timing assertions.
+
+The CUDA-only branches (do_bench, the GPU targets) are exercised with stand-ins, so a typo
+there shows up here and not first on a GPU machine."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fusedaccum import __main__ as cli
+from fusedaccum import _backend, benchmark
+
+ROW_FIELDS = {"op", "impl", "layout", "tensors", "size", "dtype", "bytes", "bytes_per_elem", "bytes_note",
+              "median_s", "quantiles", "gbps", "frac_copy", "syncs"}
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+
+
+def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys):
+    assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "reference path" in printed and "/" in printed  # the progress counter [i/total]
+    slug = benchmark.slugify(benchmark.device_name(torch.device("cpu")), torch.device("cpu"))
+    data = json.loads((tmp_path / f"{slug}.json").read_text())
+    assert (tmp_path / f"{slug}.md").read_text().startswith("# fusedaccum bench")
+    try:
+        import matplotlib  # noqa: F401 - the plot is skipped without it
+    except ImportError:
+        pass
+    else:
+        assert (tmp_path / f"{slug}.png").stat().st_size > 1000
+
+    meta = data["meta"]
+    assert meta["device"]["type"] == "cpu" and meta["device"]["backend"] == "torch"
+    assert meta["device"]["threads"] == torch.get_num_threads()
+    assert meta["versions"]["torch"] == torch.__version__ and meta["date"] and meta["quick"]
+
+    rows = data["rows"]
+    assert not [r for r in rows if r.get("error")]
+    for r in rows:
+        assert ROW_FIELDS <= set(r), r
+        assert r["median_s"] > 0 and r["gbps"] > 0 and r["syncs"] == "n/a (cpu)"
+        assert r["bytes"] == round(r["size"] * r["bytes_per_elem"])
+        assert set(r["quantiles"]) == {"p20", "p50", "p80"}
+    ops = {r["op"] for r in rows}
+    assert {"copy", "accumulate_ bf16->fp32", "accumulate_ fp32->fp32", "accumulate_ bf16->fp32 zero_grad",
+            "norm pass fp32", "unscale_clip_ fp32", "clip_grad_norm_ fp32"} <= ops
+    if hasattr(benchmark.fusedaccum, "GradAccumulator"):
+        assert any(r["op"].startswith("window step") for r in rows)
+    # Every fused row has a copy of the same bytes and a speed-up over each baseline of its group.
+    for r in rows:
+        if r["op"] == "copy":
+            assert r["for_op"] in ops and r["bytes_per_elem"] in {b["bytes_per_elem"] for b in rows
+                                                                   if b["op"] == r["for_op"]}
+        if r.get("ours"):
+            assert r["frac_copy"] > 0 and r["copy_median_s"] > 0
+            baselines = [b for b in rows if b["op"] == r["op"] and b["size"] == r["size"] and not b.get("ours")]
+            assert len(r["speedups"]) == len(baselines) >= 1
+    chains = {r["layout"] for r in rows if r["impl"] == "torch unscale+clip chain"}
+    assert {"flat", "gpt2-148", "list-496", "gpt2-tiny list"} <= chains
+    assert data["targets"] == []  # the CPU target is on GPT-2 small, not --quick's gpt2-tiny
+
+
+def test_gpt2_small_layout():
+    shapes = benchmark.GPT2_SMALL
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for s in shapes) == 124_439_808  # GPT2LMHeadModel, lm_head tied
+    assert len(benchmark.LIST_LAYOUTS["list-496"]) == 496
+    for n in (10**4, 10**6 + 3):
+        sizes = benchmark.split_sizes(shapes, n)
+        assert sum(sizes) == n and min(sizes) >= 1 and len(sizes) == 148
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_norm_pass_matches_float64(backend_name, monkeypatch):
+    """The norm-pass row launches the read pass by hand: check it computes the norm."""
+    if backend_name == "triton":
+        kernels = None
+        try:
+            kernels = _backend._load_kernels()
+        except RuntimeError as exc:
+            pytest.skip(str(exc))
+        if not _backend._interpreted(kernels):
+            pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
+    monkeypatch.setenv(_backend.ENV_VAR, backend_name)
+    x = torch.randn(3 * 4096 + 17, generator=torch.Generator().manual_seed(0))
+    run, total_norm = benchmark.norm_pass(x, torch.ones(()))  # inv = 1, as in the bench
+    run()
+    assert float(total_norm()) == pytest.approx(float(x.double().norm()), rel=1e-5)
+
+
+def test_gpu_timer_branches(monkeypatch):
+    """Timer on CUDA calls triton.testing.do_bench with quantiles, or return_mode on a
+    triton without them; checked with a stand-in do_bench (no GPU needed)."""
+    triton_testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def with_quantiles(fn, warmup, rep, quantiles=None, return_mode="mean"):
+        calls.append((quantiles, return_mode))
+        fn()
+        return [1.0, 2.0, 3.0] if quantiles else 2.0
+
+    monkeypatch.setattr(triton_testing, "do_bench", with_quantiles)
+    got = benchmark.Timer(torch.device("cuda"), quick=True)(lambda: None)
+    assert got["median_s"] == 2e-3 and got["quantiles"]["p20"] == 1e-3 and got["quantiles"]["p80"] == 3e-3 and calls[-1][0] == [0.2, 0.5, 0.8]
+
+    def without_quantiles(fn, warmup, rep, return_mode="mean"):
+        calls.append((None, return_mode))
+        return 4.0
+
+    monkeypatch.setattr(triton_testing, "do_bench", without_quantiles)
+    got = benchmark.Timer(torch.device("cuda"), quick=True)(lambda: None)
+    assert got["median_s"] == 4e-3 and calls[-1] == (None, "median")
+
+
+def _row(op, impl, layout, size, t, bpe, ours=False, frac=None, syncs=0):
+    return {"op": op, "impl": impl, "layout": layout, "tensors": 1, "size": size, "dtype": "fp32",
+            "bytes": int(size * bpe), "bytes_per_elem": bpe, "bytes_note": "x", "median_s": t,
+            "quantiles": {"p20": t, "p50": t, "p80": t}, "gbps": size * bpe / t / 1e9, "frac_copy": frac,
+            "syncs": syncs, "ours": ours}
+
+
+def test_gpu_targets_and_report(tmp_path):
+    """The GPU targets, markdown and plot from a hand-made CUDA result (no GPU needed)."""
+    n = 10**8
+    rows = [
+        dict(_row("copy", "dst.copy_(src) uint8", "flat", n, 1.0, 12, frac=1.0, syncs=0), for_op="unscale_clip_ fp32"),
+        _row("accumulate_ bf16->fp32", "fusedaccum", "flat", n, 1.0, 10, ours=True, frac=0.95),
+        _row("norm pass fp32", "fusedaccum", "flat", n, 1.0, 4, ours=True, frac=0.85),
+        _row("unscale_clip_ fp32", "fusedaccum", "flat", n, 1.0, 12, ours=True, frac=0.9, syncs=1),
+        _row("unscale_clip_ fp32", "torch unscale+clip chain", "flat", n, 2.0, 20, frac=0.8),
+    ]
+    rows[-1]["fusedaccum_speedup"] = 2.0
+    meta = {"device": {"type": "cuda", "name": "Test GPU", "slug": "test-gpu", "threads": 1, "backend": "triton",
+                       "memory_gb": 80.0},
+            "versions": {"torch": "t", "triton": "3.6", "fusedaccum": "0", "python": "3"},
+            "date": "today", "command": "python -m fusedaccum bench", "timing": "do_bench", "sizes": [n]}
+    results = {"meta": meta, "rows": rows}
+    got = {t["target"].split(" at ")[0].split(" >= ")[0]: t["met"] for t in benchmark.targets(results)}
+    assert got == {"GPU: accumulate_ bf16->fp32": True, "GPU: norm pass fp32": False,
+                   "GPU: unscale_clip_ moves <= 12 B/el": True, "GPU: unscale_clip_": True,
+                   "GPU: zero host syncs per step (every fusedaccum row)": False}
+    results["targets"] = benchmark.targets(results)
+    paths = benchmark.write_outputs(results, tmp_path)
+    md = paths["md"].read_text()
+    assert "Test GPU" in md and "| 2.00x |" in md and "**no**" in md and "copy: dst.copy_(src)" in md
+    assert json.loads(paths["json"].read_text())["meta"]["device"]["slug"] == "test-gpu"
+
+
+def test_sync_count_is_na_on_cpu():
+    assert benchmark.count_syncs(lambda: None, torch.device("cpu")) == "n/a (cpu)"
+
+
+def test_profile_window_cpu(reference_backend):
+    text = benchmark.profile_window(torch.device("cpu"), 10**4, k=2, row_limit=5)
+    assert "one window step" in text and "# of Calls" in text and "torch: backward loop" in text
+
+
+def test_cli_forwards_bench_arguments(monkeypatch):
+    seen = []
+
+    def fake_main(argv):
+        seen.append(argv)
+        return 0
+
+    monkeypatch.setattr(benchmark, "main", fake_main)
+    assert cli.main(["bench", "--quick", "--sizes", "1e4", "--out", "x"]) == 0
+    assert seen == [["--quick", "--sizes", "1e4", "--out", "x"]]
+    args = benchmark.parse_args(["--sizes", "1e4,2e5", "--no-compile"])
+    assert args.sizes == [10**4, 2 * 10**5] and args.compile is False
