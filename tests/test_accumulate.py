@@ -114,3 +114,21 @@ def test_accumulate_rejects_bad_scale(backend, device, scale, error, message):
     with pytest.raises(error, match=message):
         fusedaccum.accumulate_(acc, grad, scale, zero_grad=True)
     assert torch.equal(acc, torch.zeros(4, device=device)) and torch.equal(grad, torch.ones(4, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_reference_cpu_pieces_give_the_same_bits(monkeypatch, dtype, scale_kind):
+    """The reference works through cache-sized pieces on the CPU when grad is bf16/fp16:
+    shrink the piece so several (and a ragged last one) run on a small bucket."""
+    import fusedaccum.reference as reference
+
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
+    acc = randn(BLOCK + 1, torch.float32, "cpu", seed=21)
+    grad = randn(BLOCK + 1, dtype, "cpu", seed=22)
+    whole = acc.clone()
+    scale = _scale(scale_kind, 0.37, "cpu")
+    reference._add_(whole, grad.float(), scale)  # one piece, fp32 copy of grad: the expected bits
+    monkeypatch.setattr(reference, "CPU_PIECE", 1000)
+    fusedaccum.accumulate_(acc, grad, scale)
+    assert same_bits(acc, whole)

@@ -176,3 +176,24 @@ def test_unscale_clip_rejects_bad_input_and_changes_nothing(backend, device, cas
     with pytest.raises(error, match=message):
         fusedaccum.unscale_clip_(buckets, **{"inv_scale": 0.5, "max_norm": 0.1, **kwargs})
     assert all(same_bits(a, b) for a, b in zip(real, before))
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_reference_cpu_pieces_with_out(monkeypatch, skip):
+    """The reference's out= path works through pieces on the CPU: several, and a ragged one."""
+    import fusedaccum.reference as reference
+
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
+    monkeypatch.setattr(reference, "CPU_PIECE", 1000)
+    acc = randn(BLOCK + 1, torch.float32, "cpu", 23, 4.0)
+    if skip:
+        acc[BLOCK - 5] = float("nan")
+    out = torch.full((BLOCK + 1,), 3.0, dtype=torch.bfloat16)
+    norm, expected = _expected([acc], 0.5, 2.0, 2.0)
+    total_norm, found_inf = fusedaccum.unscale_clip_(acc, 0.5, max_norm=2.0, out=out)
+    assert float(found_inf) == float(skip)
+    if skip:
+        assert same_bits(out, torch.full((BLOCK + 1,), 3.0, dtype=torch.bfloat16))
+    else:
+        _check_norm(total_norm, norm)
+        assert_close(out, expected[0], torch.bfloat16)
