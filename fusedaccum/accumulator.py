@@ -110,7 +110,8 @@ class GradAccumulator:
     normalized by its total items, the full-batch per-item mean.
 
     ``optimizer.zero_grad()`` is not needed (each window starts from zero by itself) but
-    harmless between windows, and with ``set_to_none=True`` (the default) also within one.
+    harmless between windows, and with ``set_to_none=True`` (the default) also within one,
+    including right before ``step`` as in a hand-written loop.
     Never ``zero_grad(set_to_none=False)`` inside a window: for fp32 parameters it erases the sum.
     A parameter belongs to one GradAccumulator at a time: building a second one over the
     same parameters raises until ``release()`` is called on the first.
@@ -479,6 +480,9 @@ class GradAccumulator:
         if comm.kind == "ddp" and comm.communicates:
             # DDP averaged the sums over the ranks: multiply by world_size / global count.
             denom = denom / comm.world_size if isinstance(denom, torch.Tensor) else self._micro
+        # optimizer.zero_grad() between the last backward and here would leave the optimizer
+        # no gradient to step with: the window's sum is in the buckets, so point at it again.
+        self.buckets.attach()
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs)
         total_norm, found_inf = stats[0], stats[1]
@@ -562,8 +566,9 @@ class GradAccumulator:
             if buckets is None or len(buckets) != len(layout):
                 raise ValueError("the state dict holds a partial window but not its bucket contents")
             for i, (t, b) in enumerate(zip(buckets, self.buckets)):
-                if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != b.numel:
-                    raise ValueError(f"state dict bucket {i} is not an fp32 tensor of {b.numel} elements")
+                if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1
+                        or t.numel() != b.numel):
+                    raise ValueError(f"state dict bucket {i} is not a 1-D fp32 tensor of {b.numel} elements")
         if (state_dict["scaler"] is None) != (self.scaler is None):
             raise ValueError("the state dict was saved " + ("with" if self.scaler is None else "without") +
                              " a scaler but this GradAccumulator has " + ("none" if self.scaler is None else "one"))

@@ -6,9 +6,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import GRAD_DTYPES
+from .ops import GRAD_DTYPES, _dense_layout
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
+
+
+def _reattach_hook(bucket: "Bucket", view: torch.Tensor, zeroed: set):
+    def reattach(p: torch.Tensor) -> None:
+        if p.grad is view:
+            return
+        # p.grad was set to None (zero_grad) and autograd allocated a fresh one.
+        with torch.no_grad():
+            if id(bucket) not in zeroed:
+                if not zeroed:
+                    torch.autograd.Variable._execution_engine.queue_callback(zeroed.clear)
+                zeroed.add(id(bucket))
+                bucket.grads.zero_()
+            view.copy_(p.grad)
+        p.grad = view
+
+    return reattach
+
+
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 @dataclass(eq=False)
@@ -50,7 +73,8 @@ class GradBuckets:
     only some parameters of a bucket: call ``zero_()`` (or ``zero_grad(set_to_none=False)``).
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
-    them up.
+    them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
+    removed; each ``param.grad`` still points at its view until replaced).
     """
 
     def __init__(self, params, *, accum_dtype: torch.dtype = torch.float32):
@@ -99,35 +123,23 @@ class GradBuckets:
             if b.dtype != torch.float32:
                 b.landing = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
             for p, off in zip(b.params, b.offsets):
-                view = b.grads[off:off + p.numel()].view(p.shape)
+                view = b.grads[off:off + p.numel()]
+                # The parameter's own strides (channels_last, a transpose) where they are
+                # dense: autograd and DDP expect a gradient laid out like its parameter.
+                view = view.as_strided(p.shape, p.stride()) if _dense_layout(p) else view.view(p.shape)
                 if p.grad is not None:
                     view.copy_(p.grad)
                 b.views.append(view)
         owner = weakref.ref(self)
         for p in unique:
             setattr(p, _OWNER_ATTR, owner)
-        self._zeroed_this_backward: set = set()  # buckets whose grads this backward zeroed
-        self._hooks = []
+        # The hooks live on the parameters: they must not hold self, or a GradBuckets dropped
+        # without release() would never be collected and would keep its parameters owned.
+        zeroed: set = set()  # ids of the buckets whose grads this backward zeroed
+        self._hooks = [p.register_post_accumulate_grad_hook(_reattach_hook(b, view, zeroed))
+                       for b in self.buckets for p, view in zip(b.params, b.views)]
+        self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
         self.attach()
-        for b in self.buckets:
-            for p, view in zip(b.params, b.views):
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(b, view)))
-
-    def _make_hook(self, bucket: Bucket, view: torch.Tensor):
-        def reattach(p: torch.Tensor) -> None:
-            if p.grad is view:
-                return
-            # p.grad was set to None (zero_grad) and autograd allocated a fresh one.
-            with torch.no_grad():
-                if id(bucket) not in self._zeroed_this_backward:
-                    if not self._zeroed_this_backward:
-                        torch.autograd.Variable._execution_engine.queue_callback(self._zeroed_this_backward.clear)
-                    self._zeroed_this_backward.add(id(bucket))
-                    bucket.grads.zero_()
-                view.copy_(p.grad)
-            p.grad = view
-
-        return reattach
 
     def attach(self) -> None:
         """Point every ``param.grad`` at its view (again)."""
@@ -148,9 +160,7 @@ class GradBuckets:
         """Give the parameters up: remove the hooks and the ownership mark, so another
         GradBuckets may take them. Each ``param.grad`` keeps its current values as its own
         tensor, detached from the buckets."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._remove_hooks()
         for b in self.buckets:
             for p, view in zip(b.params, b.views):
                 if getattr(p, _OWNER_ATTR, lambda: None)() is self:

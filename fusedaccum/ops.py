@@ -111,6 +111,7 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
         for j in range(i):
             if _overlap(b, buckets[j]):
                 raise ValueError(f"buckets[{i}] and buckets[{j}] overlap in memory")
+    flat = [b.view(-1) for b in buckets]
     if out is not None:
         out = _as_list(out, "out")
         if len(out) != len(buckets):
@@ -120,9 +121,19 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
             if o.device != device or o.numel() != b.numel():
                 raise ValueError(f"out[{i}] ({o.numel()} elements on {o.device}) does not match "
                                  f"buckets[{i}] ({b.numel()} elements on {device})")
-            if o.data_ptr() != b.data_ptr() and any(_overlap(o, x) for x in buckets):
-                raise ValueError(f"out[{i}] overlaps a bucket other than its own")
         out = [o.view(-1) for o in out]
+        for i, (o, b) in enumerate(zip(out, buckets)):
+            if o.data_ptr() == b.data_ptr() and o.dtype == b.dtype:
+                out[i] = flat[i]  # in place: the same tensor, so the backends can tell
+                continue
+            # Any other overlap would read values the pass has already written.
+            for j, x in enumerate(buckets):
+                if _overlap(o, x):
+                    raise ValueError(f"out[{i}] overlaps buckets[{j}] in memory; out[{i}] must be "
+                                     f"buckets[{i}] itself (same memory and dtype) or separate memory")
+            for j in range(i):
+                if _overlap(o, out[j]):
+                    raise ValueError(f"out[{i}] and out[{j}] overlap in memory")
     p = _norm_order(norm_type)
     if max_norm is not None:
         max_norm = float(max_norm)
@@ -133,7 +144,7 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     inv = _scalar(inv_scale, "inv_scale", device)
     return _backend.implementation(device).unscale_clip_(
-        [b.view(-1) for b in buckets], inv, max_norm, p, eps, out=out, skip_if_nonfinite=skip_if_nonfinite)
+        flat, inv, max_norm, p, eps, out=out, skip_if_nonfinite=skip_if_nonfinite)
 
 
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):
@@ -156,13 +167,27 @@ def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP
     return stats[0], stats[1]
 
 
+def _dense_layout(t: torch.Tensor) -> bool:
+    """Whether t's elements fill storage[offset, offset + numel) once each, in any order of
+    dimensions (contiguous, channels_last, a transpose...)."""
+    if t.numel() <= 1:
+        return True
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _covering_buckets(grads: Sequence[torch.Tensor]):
     """The flat buffers that ``grads`` tile exactly (every element once, nothing else), or
     None. Then the norm over the buffers is the norm over the grads, one launch per buffer."""
     bases: dict[int, tuple[torch.Tensor, list]] = {}
     for g in grads:
         base = g._base
-        if (base is None or base.dim() != 1 or not base.is_contiguous() or not g.is_contiguous()
+        if (base is None or base.dim() != 1 or not base.is_contiguous() or not _dense_layout(g)
                 or base.dtype not in GRAD_DTYPES or base.requires_grad):
             return None
         bases.setdefault(id(base), (base, []))[1].append((g.storage_offset() - base.storage_offset(), g.numel()))

@@ -5,6 +5,8 @@ oracle of the tests. It runs on any device, with no host synchronisation.
 Inputs are validated by ``fusedaccum.ops`` before they get here.
 """
 
+import math
+
 import torch
 
 # Rows of this many elements get fp32 partial norms; the rows are then folded in fp64.
@@ -87,12 +89,23 @@ def unscale_clip_(
     # One read pass: ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied
     # (the Triton kernels also sum the raw values and multiply by |inv| at the end). An
     # inf/NaN element makes the norm inf/NaN, so the norm doubles as the non-finite check;
-    # a norm of the raw values that overflows fp32 counts as non-finite too, in both backends.
+    # a fp32 sum of |x|^p of the raw values that overflows counts as non-finite too.
     parts = [part for b in buckets for part in _partial_norms(b, norm_type)]
-    if parts:
-        raw = torch.linalg.vector_norm(torch.cat(parts).double(), norm_type).float()
-    else:
+    if not parts:
         raw = torch.zeros((), device=device)
+    elif math.isinf(norm_type):
+        raw = torch.cat(parts).max()
+    else:
+        # Σ|x|^p folded in fp64 and rounded to fp32 before the root, as the Triton finalize
+        # does: the sum overflows (found_inf) at the same point in both backends, whatever
+        # the pieces. A row's fp32 norm is inf only if its own fp32 sum overflowed.
+        total = torch.cat(parts).double().pow(norm_type).sum().float()
+        if norm_type == 1.0:
+            raw = total
+        elif norm_type == 2.0:
+            raw = total.sqrt()
+        else:
+            raw = total.pow(1.0 / norm_type)
     inv = torch.as_tensor(inv_scale, dtype=torch.float32, device=device)
     norm = raw * inv.abs()
     found_inf = (~torch.isfinite(norm)).to(torch.float32)

@@ -463,9 +463,35 @@ def test_load_state_dict_rejects_other_layout_and_changes_nothing():
         GradAccumulator(make_model(torch.float32, "cpu").parameters(), 2, scaler=LossScaler()).load_state_dict(state)
 
 
+@pytest.mark.parametrize("corrupt", ["2-D bucket", "fp64 bucket", "bucket missing", "items_device vector"])
+def test_load_state_dict_rejects_a_corrupt_window_and_changes_nothing(corrupt):
+    model = make_model(torch.float32, "cpu")
+    scaler = LossScaler(init_scale=8.0)
+    acc = GradAccumulator(model.parameters(), 4, scaler=scaler)
+    x, y = make_data(6, "cpu")
+    acc.backward(sum_loss(model, x[:3], y[:3]), num_items=torch.tensor(3))
+    state = acc.state_dict()
+    state["scaler"]["scale"] = 2.0  # would change the scaler if it were loaded
+    (n,) = state["buckets"][0].shape
+    if corrupt == "2-D bucket":
+        state["buckets"][0] = state["buckets"][0].reshape(n, 1)
+    elif corrupt == "fp64 bucket":
+        state["buckets"][0] = state["buckets"][0].double()
+    elif corrupt == "bucket missing":
+        state["buckets"] = []
+    else:
+        state["items_device"] = torch.ones(2)
+    acc.backward(sum_loss(model, x[3:], y[3:]), num_items=torch.tensor(3))
+    sums = [b.accum.clone() for b in acc.buckets]
+    with pytest.raises(ValueError, match="state dict"):
+        acc.load_state_dict(state)
+    assert acc.micro_batches == 2 and scaler.get_scale() == 8.0
+    assert all(same_bits(b.accum, s) for b, s in zip(acc.buckets, sums))
+
+
 # ---------------------------------------------------------------- zero_grad
 
-@pytest.mark.parametrize("how", ["between_windows", "between_windows_keep", "every_micro_batch"])
+@pytest.mark.parametrize("how", ["between_windows", "between_windows_keep", "every_micro_batch", "before_step"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_optimizer_zero_grad_does_not_break_accumulation(backend, device, dtype, how):
     x, y = make_data(2 * K * MICRO, device)
@@ -479,13 +505,17 @@ def test_optimizer_zero_grad_does_not_break_accumulation(backend, device, dtype,
             if zero and how == "every_micro_batch":
                 opt.zero_grad()  # set_to_none=True: harmless even inside a window
             acc.backward(mean_loss(model, xb, yb))
-            if acc.step(opt) is not None and zero and how != "every_micro_batch":
+            if zero and how == "before_step":
+                opt.zero_grad()  # the usual place in a hand-written loop: must not empty the step
+            if acc.step(opt) is not None and zero and how in ("between_windows", "between_windows_keep"):
                 opt.zero_grad(set_to_none=(how == "between_windows"))
                 assert all((p.grad is None) == (how == "between_windows") for p in model.parameters())
         return model
 
     a, b = run(False), run(True)
     assert all(same_bits(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    moved = make_model(dtype, device)
+    assert not all(same_bits(p, q) for p, q in zip(a.parameters(), moved.parameters()))
 
 
 # ---------------------------------------------------------------- bad use

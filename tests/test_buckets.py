@@ -41,6 +41,51 @@ def test_grads_are_views_into_one_bucket(dtype):
     assert all(p.grad._base is bucket.grads for p in params)
 
 
+def test_grads_keep_the_parameter_layout(backend, device):
+    """channels_last and transposed parameters get gradient views with their own strides
+    (autograd and DDP expect grads laid out like their parameters); the bucket still holds
+    every element once, so the fused clip_grad_norm_ covers it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 3))
+    conv = conv.to(device=device, memory_format=torch.channels_last)
+    extra = torch.nn.Parameter(torch.randn(5, 3, device=device).t())  # a transpose: strides (1, 3)
+    twin = [p.detach().clone().requires_grad_() for p in [*conv.parameters(), extra]]
+    params = [*conv.parameters(), extra]
+    buckets = fusedaccum.GradBuckets(params)
+    assert not params[0].is_contiguous() and not extra.is_contiguous()
+    for p in params:
+        assert p.grad.stride() == p.stride() and p.grad._base is buckets.buckets[0].accum
+    x = torch.randn(2, 3, 7, 7, device=device).to(memory_format=torch.channels_last)
+
+    def loss(ps):
+        h = torch.nn.functional.conv2d(x, ps[0], ps[1]).tanh()
+        return torch.nn.functional.conv2d(h, ps[2], ps[3]).square().sum() + (ps[4] ** 3).sum()
+
+    loss(params).backward()
+    loss(twin).backward()
+    for p, t in zip(params, twin):
+        torch.testing.assert_close(p.grad, t.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(buckets.buckets[0].accum, torch.cat([p.grad.permute(
+        *sorted(range(p.dim()), key=lambda d: -p.stride()[d])).reshape(-1) for p in params]))
+    assert fusedaccum.ops._covering_buckets([p.grad for p in params]) is not None  # the fused path
+    norm = fusedaccum.clip_grad_norm_(params, 0.1)
+    want = torch.nn.utils.clip_grad_norm_(twin, 0.1)
+    torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
+    for p, t in zip(params, twin):
+        torch.testing.assert_close(p.grad, t.grad, rtol=1e-5, atol=1e-7)
+        assert p.grad._base is buckets.buckets[0].accum  # scaled in place by the fused path
+
+
+def test_dense_layout():
+    from fusedaccum.ops import _dense_layout
+
+    t = torch.ones(4, 6)
+    assert _dense_layout(t) and _dense_layout(t.t()) and _dense_layout(torch.ones(1, 5, 1))
+    assert _dense_layout(torch.ones(0, 3)) and _dense_layout(torch.ones(2, 3, 4).permute(2, 0, 1))
+    assert not _dense_layout(t[:, :3]) and not _dense_layout(torch.ones(3).expand(4, 3))
+    assert not _dense_layout(t[::2])
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_optimizer_zero_grad_keeps_views_and_zeroes(set_to_none):
     model = _model()
@@ -136,12 +181,27 @@ def test_a_parameter_has_one_owner_until_released():
     assert all(p.grad is v for p, v in zip(second.buckets[0].params, second.buckets[0].views))
 
 
-def test_a_collected_owner_frees_its_parameters():
+@pytest.mark.parametrize("owner", ["GradBuckets", "GradAccumulator"])
+def test_a_dropped_owner_frees_its_parameters(owner):
+    """No release(): once the owner is garbage-collected its hooks are gone and the
+    parameters may be taken again (the hooks must not keep the owner alive)."""
     import gc
+    import weakref
 
     model = _model()
-    buckets = fusedaccum.GradBuckets(model.parameters())
-    buckets.release()
-    del buckets
+    if owner == "GradBuckets":
+        first = fusedaccum.GradBuckets(model.parameters())
+        gone = weakref.ref(first)
+    else:
+        first = fusedaccum.GradAccumulator(model.parameters(), 2)
+        gone = weakref.ref(first.buckets)
+    model(torch.randn(2, 5)).sum().backward()
+    del first
     gc.collect()
-    fusedaccum.GradBuckets(model.parameters())  # no error
+    assert gone() is None
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    model.zero_grad()
+    model(torch.randn(2, 5)).sum().backward()
+    assert all(p.grad._base is None for p in model.parameters())  # plain autograd gradients now
+    second = fusedaccum.GradBuckets(model.parameters())  # no error
+    assert all(p.grad is v for p, v in zip(second.buckets[0].params, second.buckets[0].views))

@@ -5,6 +5,7 @@ import torch
 
 import fusedaccum
 from fusedaccum.kernels._launch import BLOCK
+from fusedaccum.ops import _unscale_clip_stats
 
 from helpers import GRAD_DTYPES, NORM_RTOL, SIZES, assert_close, norm64, randn, same_bits
 
@@ -114,6 +115,25 @@ def test_norm_overflow_counts_as_nonfinite(backend, device):
     assert float(found_inf) == 1.0 and float(total_norm) == float("inf") and same_bits(bucket, before)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("n, overflows", [(30_000, False), (50_000, True)])
+def test_norm_overflow_threshold_is_the_same_in_both_backends(backend, device, p, n, overflows):
+    """The rule: found_inf when the fp32 sum of |x|^p of the raw values exceeds the fp32
+    range, however it is split into pieces. Here no piece (a 1024-element row, a program's
+    share) overflows, only the total does: 5e38 > 3.4e38 > 3e38."""
+    value = (1e38 / 10_000) ** (1 / p)  # |x|^p = 1e34
+    bucket = torch.full((n,), value, device=device)
+    before = bucket.clone()
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 0.5, max_norm=1.0, norm_type=p)
+    assert float(found_inf) == float(overflows)
+    if overflows:
+        assert float(total_norm) == float("inf") and same_bits(bucket, before)
+    else:
+        expected = 0.5 * (n * 1e34) ** (1 / p)
+        assert math.isclose(float(total_norm), expected, rel_tol=1e-5)
+        assert not same_bits(bucket, before)
+
+
 def test_empty_buckets_give_zero_norm(backend, device):
     bucket = torch.empty(0, device=device)
     total_norm, found_inf = fusedaccum.unscale_clip_([bucket, torch.empty(0, dtype=torch.bfloat16, device=device)], 2.0, max_norm=1.0)
@@ -162,6 +182,14 @@ BAD = {
     "inv_scale vector": (lambda d: ([torch.ones(4, device=d)], {"inv_scale": torch.ones(2)}), ValueError, "inv_scale must be"),
     "out wrong size": (lambda d: ([torch.ones(4, device=d)], {"out": [torch.zeros(5, device=d)]}), ValueError, r"out\[0\] \(5 elements"),
     "out wrong count": (lambda d: ([torch.ones(4, device=d)], {"out": []}), ValueError, "out has 0 tensors for 1 buckets"),
+    "outs overlap": (lambda d: (lambda z: ([torch.ones(4, device=d), torch.ones(4, device=d)], {"out": [z[:4], z[2:6]]}))(
+        torch.zeros(8, device=d)), ValueError, r"out\[1\] and out\[0\] overlap"),
+    "out is its bucket as bf16": (lambda d: (lambda t: ([t], {"out": [t.view(torch.bfloat16)[:4]]}))(
+        torch.ones(4, device=d)), ValueError, r"out\[0\] overlaps buckets\[0\]"),
+    "out shifted over its bucket": (lambda d: (lambda a: ([a[:4]], {"out": [a[2:6]]}))(
+        torch.ones(8, device=d)), ValueError, r"out\[0\] overlaps buckets\[0\]"),
+    "out is another bucket": (lambda d: (lambda a: ([a[:4], a[4:]], {"out": [a[4:], a[4:]]}))(
+        torch.ones(8, device=d)), ValueError, r"out\[0\] overlaps buckets\[1\]"),
 }
 
 
@@ -176,6 +204,18 @@ def test_unscale_clip_rejects_bad_input_and_changes_nothing(backend, device, cas
     with pytest.raises(error, match=message):
         fusedaccum.unscale_clip_(buckets, **{"inv_scale": 0.5, "max_norm": 0.1, **kwargs})
     assert all(same_bits(a, b) for a, b in zip(real, before))
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_out_that_is_the_buckets_is_in_place(backend, device, bad):
+    results = []
+    for use_out in (False, True):
+        buckets = [randn(BLOCK + 1, torch.float32, device, 21), randn(97, torch.bfloat16, device, 22)]
+        if bad:
+            buckets[1][5] = float("nan")
+        stats = _unscale_clip_stats(buckets, 0.5, 1.0, out=[b.view(-1) for b in buckets] if use_out else None)
+        results.append([stats] + buckets)
+    assert all(same_bits(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("skip", [False, True])
