@@ -125,7 +125,9 @@ class GradAccumulator:
     - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
       (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
       ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
-      the accumulator communicates only the item count (with ``num_items``).
+      the accumulator communicates only the item count (with ``num_items``). A partial
+      window closed by ``step(force=True)`` ran its last micro-batch under ``no_sync()``
+      (``accumulate`` cannot know it was the last): ``step`` all-reduces its buckets then.
       Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
       (DDP would reduce every micro-batch), with ``gradient_as_bucket_view=True`` (DDP would
       take ``param.grad`` away from the buckets), or not covering all the parameters.
@@ -188,7 +190,7 @@ class GradAccumulator:
         self._lowp = [b for b in self.buckets if b.landing is not None]
         self._optimizers_checked: dict = {}
         self._bn_warned = False
-        self._bn_checked: set = set()
+        self._bn_layers = weakref.WeakKeyDictionary()  # model -> its BatchNorm layers
         self._process_group = process_group
         # Who all-reduces: _ddp_comm once a DDP model has been shown; else _comm, fixed at the
         # first step that reduces (an auto "nobody" stays open: a DDP model may still come).
@@ -207,6 +209,7 @@ class GradAccumulator:
         self._items_host = 0  # Python-number part of the window's items
         self._items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
         self._unsynced = False  # last backward ran under DDP no_sync
+        self._processed = None  # (stats, items) once step() closed the window and the optimizer has not run
 
     @property
     def micro_batches(self) -> int:
@@ -242,7 +245,8 @@ class GradAccumulator:
                 raise ValueError(f"num_items is on {num_items.device}, the parameters on {self.device}")
             # Not checked for > 0: that would read the device. A window of 0 items gives a
             # non-finite gradient, found_inf, and a skipped step.
-            return 0, num_items.detach().reshape(()).to(torch.float64)
+            # A copy: the caller may reuse (and refill) its counter tensor.
+            return 0, num_items.detach().reshape(()).to(torch.float64, copy=True)
         return self._check_host_items(num_items), None
 
     @staticmethod
@@ -267,23 +271,22 @@ class GradAccumulator:
                         "nor normalized; build the GradAccumulator over the same parameters")
         self._optimizers_checked[id(optimizer)] = signature
 
-    def _warn_batchnorm(self, model) -> None:
+    def _warn_batchnorm(self, model, stacklevel: int) -> None:
         if self._bn_warned or self.accumulation_steps == 1 or not isinstance(model, torch.nn.Module):
             return
-        # Walk the modules once per model and mode, not on every micro-batch.
-        key = (id(model), model.training)
-        if key in self._bn_checked:
-            return
-        self._bn_checked.add(key)
-        for name, m in model.named_modules():
-            if isinstance(m, _BatchNorm) and m.training:
+        # The module walk once per model; the training flags on every call (a layer may be
+        # switched to train mode at any time).
+        if model not in self._bn_layers:
+            self._bn_layers[model] = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        for name, m in self._bn_layers[model]:
+            if m.training:
                 self._bn_warned = True
                 warnings.warn(
                     f"{type(m).__name__} layer {name or '(root)'!r} is in training mode: with gradient "
                     f"accumulation its batch statistics (and running statistics) come from each "
                     f"micro-batch, not from the window of {self.accumulation_steps}, so training differs "
                     "from one large batch. Consider GroupNorm/LayerNorm, or BatchNorm in eval mode.",
-                    UserWarning, stacklevel=4)
+                    UserWarning, stacklevel=stacklevel + 1)
                 return
 
     # ------------------------------------------------------------------ micro-batches
@@ -293,8 +296,9 @@ class GradAccumulator:
 
         When ``model`` has ``no_sync()`` (DDP), it is entered on all but the last micro-batch
         of a window, so gradients are all-reduced once per window; otherwise nothing is done.
-        ``sync=True`` forces the all-reduce on this micro-batch: pass it on the last
-        micro-batch of an epoch whose partial window you close with ``step(force=True)``.
+        ``sync=True`` forces DDP's all-reduce on this micro-batch (optional on the last
+        micro-batch of a partial window: without it, ``step(force=True)`` all-reduces the
+        window's buckets itself over DDP's group).
 
         no_sync is used only when every parameter is fp32: bf16/fp16 gradients move from
         ``param.grad`` into the fp32 bucket after each backward, so a wrapper must reduce
@@ -310,7 +314,7 @@ class GradAccumulator:
         """
         if _dist.is_ddp(model) and model not in self._ddp_checked:
             self._adopt_ddp(model)
-        self._warn_batchnorm(model)
+        self._warn_batchnorm(model, stacklevel=3)  # the user's with-statement, through contextlib
         no_sync = getattr(model, "no_sync", None)
         last = self._micro + 1 >= self.accumulation_steps
         if sync is None:
@@ -356,6 +360,9 @@ class GradAccumulator:
         if not loss.requires_grad:
             raise ValueError("loss does not require grad: was it computed under torch.no_grad(), "
                              "or from parameters with requires_grad=False?")
+        if self._processed is not None:
+            raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
+                               "step(optimizer) again to finish the window before the next backward")
         if self._micro >= self.accumulation_steps:
             raise RuntimeError(f"this window already holds accumulation_steps={self.accumulation_steps} "
                                "micro-batches: call step(optimizer) before the next backward")
@@ -364,7 +371,7 @@ class GradAccumulator:
         first = self._micro == 0
         if first:
             if self._module is not None:
-                self._warn_batchnorm(self._module)
+                self._warn_batchnorm(self._module, stacklevel=2)  # the user's backward() call
             self._start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
@@ -423,7 +430,7 @@ class GradAccumulator:
         """1 / (loss_scale * denom): a float, or a 0-d fp32 device tensor (no sync)."""
         scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
         if scale is None and not isinstance(denom, torch.Tensor):
-            return 1.0 / denom
+            return 1.0 / denom if denom else math.inf  # 0 items: a non-finite step, skipped
         if scale is not None:
             denom = scale.double() * denom
         return denom.reciprocal().float()
@@ -440,44 +447,80 @@ class GradAccumulator:
 
         Host syncs: optimizers with PyTorch's fused AMP contract
         (``_step_supports_amp_scaling``, e.g. ``AdamW(fused=True)``, ``SGD(fused=True)``)
-        receive ``found_inf`` as a device tensor and skip on the device: no sync. Any other
-        optimizer costs exactly one sync per optimizer step (``found_inf.item()`` decides
-        whether to call ``optimizer.step()``). Nothing else reads the device.
+        receive ``found_inf`` as a device tensor and skip on the device: no sync, once the
+        optimizer has state (its first successful step; before it, ``SGD(fused=True)`` with
+        momentum would keep uninitialised momentum buffers from a step skipped on the device).
+        Any other optimizer, and a fused one before its first step, costs exactly one sync per
+        optimizer step (``found_inf.item()`` decides whether to call ``optimizer.step()``).
+        Nothing else reads the device.
+
+        If ``optimizer.step()`` raises, the window stays closed with its processed gradient
+        in ``param.grad``: call ``step`` again (e.g. with a fixed optimizer) to finish it;
+        ``backward`` and ``state_dict`` refuse until then.
+
+        A window whose ``num_items`` add up to 0 has no gradient to normalize: its step is
+        skipped as on overflow (``found_inf`` = 1; a scaler backs off), with a warning when
+        the count is a host number.
 
         Data parallel, without DDP: before the fused pass, one ``all_reduce(SUM)`` per
         bucket, plus one of the window's item count (fp64, one element, on the device) with
-        ``num_items`` or ``force=True``; under DDP only that count. All launched at once
-        (``async_op=True``), then waited on. A collective: call it on every rank alike.
+        ``num_items`` or ``force=True``; under DDP only that count, unless the window's last
+        micro-batch ran under ``no_sync()`` (a partial window closed with ``force=True``):
+        then the buckets too, over DDP's group. All launched at once (``async_op=True``),
+        then waited on. A collective: call it on every rank alike.
         """
-        if self._micro == 0:
-            if force:
-                raise RuntimeError("step(force=True) with nothing accumulated: call backward() at least "
-                                   "once in this window first")
-            return None
-        if self._micro < self.accumulation_steps and not force:
-            return None
-        self._check_optimizer(optimizer)
+        if self._processed is None:
+            if self._micro == 0:
+                if force:
+                    raise RuntimeError("step(force=True) with nothing accumulated: call backward() at least "
+                                       "once in this window first")
+                return None
+            if self._micro < self.accumulation_steps and not force:
+                return None
+            self._check_optimizer(optimizer)
+            self._processed = self._close_window(force)
+        else:
+            self._check_optimizer(optimizer)
+        stats, items = self._processed
+        total_norm, found_inf = stats[0], stats[1]
+        # If the optimizer raises, the window stays closed and processed: a retry steps with
+        # the same gradient instead of normalizing and clipping it a second time.
+        self._optimizer_step(optimizer, found_inf)
+        if self._scale_active():
+            self.scaler.update(found_inf)
+        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._micro, num_items=items)
+        self._reset_window()
+        return result
+
+    def _close_window(self, force: bool):
+        """All-reduce (data parallel), then the fused unscale/norm/clip pass into param.grad.
+        Returns (stats, the window's item count for the result)."""
         comm = self._resolve_comm()
-        if (self._items_given and self._items_dev is None and self._items_host == 0
-                and not comm.communicates):  # one rank's share may hold 0 items, the world's not
-            raise ValueError(f"the window's {self._micro} micro-batches hold 0 items in total (num_items): "
-                             "nothing to normalize by")
-        if self._unsynced:
+        if self._unsynced and comm.kind != "ddp":
             raise RuntimeError(
-                "the last micro-batch of this window ran under model.no_sync(), so the window's gradients "
-                "were never all-reduced; use accumulate(model, sync=True) on the last micro-batch of a "
-                "partial window")
+                "the last micro-batch of this window ran under model.no_sync() of a model that is not a "
+                "DistributedDataParallel shown to this GradAccumulator, so nobody all-reduced the window's "
+                "gradients; use accumulate(model, sync=True) on the last micro-batch of a partial window")
+        # Under DDP, a last micro-batch run under no_sync() (a partial window closed by
+        # force=True: accumulate() cannot know it is the last) was reduced by nobody: reduce
+        # the window's sums here instead, over DDP's group, and normalize as the accumulator's
+        # own reduction does.
+        reduce_here = comm.reduces_grads or (self._unsynced and comm.communicates)
+        if self._items_given and self._items_dev is None and self._items_host == 0 and not comm.communicates:
+            warnings.warn(f"the window's {self._micro} micro-batches hold 0 items in total (num_items): there is "
+                          "no gradient to normalize, so the step is skipped as on overflow (found_inf = 1)",
+                          RuntimeWarning, stacklevel=3)
 
         # Data parallel: the count (tiny, needed first) and then every bucket, all in flight at
         # once; waiting makes the fused pass below see the global sums (on CUDA/NCCL wait()
         # orders the streams, the host does not block).
         denom, works = self._normalizer(comm, force)
-        if comm.reduces_grads:
+        if reduce_here:
             works += _dist.all_reduce_async(self._accums, comm.group)
         for work in works:
             work.wait()
         global_items = denom if self._items_given and comm.communicates else None
-        if comm.kind == "ddp" and comm.communicates:
+        if comm.kind == "ddp" and comm.communicates and not reduce_here:
             # DDP averaged the sums over the ranks: multiply by world_size / global count.
             denom = denom / comm.world_size if isinstance(denom, torch.Tensor) else self._micro
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
@@ -485,14 +528,7 @@ class GradAccumulator:
         self.buckets.attach()
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs)
-        total_norm, found_inf = stats[0], stats[1]
-        self._optimizer_step(optimizer, found_inf)
-        if self._scale_active():
-            self.scaler.update(found_inf)
-        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._micro,
-                            num_items=self._window_items() if global_items is None else global_items)
-        self._reset_window()
-        return result
+        return stats, (self._window_items() if global_items is None else global_items)
 
     def _window_items(self):
         if not self._items_given:
@@ -503,7 +539,12 @@ class GradAccumulator:
 
     @staticmethod
     def _optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and not _takes_grad_scaler(optimizer):
+        # Not before the optimizer has state: a fused optimizer creates it in its first step,
+        # and SGD(fused=True, momentum>0) creates its momentum buffers uninitialised
+        # (empty_like), so a first step skipped on the device leaves garbage that the next
+        # step reads (torch.amp.GradScaler has the same hole). Until then, one sync per step.
+        if (getattr(optimizer, "_step_supports_amp_scaling", False) and not _takes_grad_scaler(optimizer)
+                and optimizer.state):
             # torch.amp.GradScaler's contract for fused optimizers: the gradients are already
             # unscaled (grad_scale None); found_inf makes the kernel skip the update, and
             # undo its step count, on the device.
@@ -525,6 +566,9 @@ class GradAccumulator:
         continues bit-identically. Reads the scaler's scale on the host (one sync).
         Data parallel: mid-window the sums are this rank's own (not yet all-reduced), so
         every rank saves and loads its own state dict."""
+        if self._processed is not None:
+            raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
+                               "step(optimizer) again to finish the window before saving")
         mid_window = self._micro > 0
         return {
             "version": _STATE_VERSION,

@@ -11,21 +11,37 @@ from .ops import GRAD_DTYPES, _dense_layout
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
 
 
-def _reattach_hook(bucket: "Bucket", view: torch.Tensor, zeroed: set):
-    def reattach(p: torch.Tensor) -> None:
-        if p.grad is view:
-            return
-        # p.grad was set to None (zero_grad) and autograd allocated a fresh one.
-        with torch.no_grad():
-            if id(bucket) not in zeroed:
-                if not zeroed:
-                    torch.autograd.Variable._execution_engine.queue_callback(zeroed.clear)
-                zeroed.add(id(bucket))
-                bucket.grads.zero_()
-            view.copy_(p.grad)
-        p.grad = view
+class _Reattach:
+    """The post-accumulate-grad hooks' shared state. It holds no reference to the GradBuckets
+    (the hooks live on the parameters, and must not keep it alive)."""
 
-    return reattach
+    def __init__(self, pairs: list):
+        self.pairs = pairs  # (param, view) of every bucket
+        self.queued = False
+
+    def hook(self, view: torch.Tensor):
+        def reattach(p: torch.Tensor) -> None:
+            if p.grad is view:
+                return
+            # p.grad was set to None (zero_grad) or replaced: what it holds now is the whole
+            # gradient of p, so it overwrites p's view, and only p's.
+            with torch.no_grad():
+                view.copy_(p.grad)
+            p.grad = view
+            if not self.queued:
+                self.queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self.zero_unattached)
+
+        return reattach
+
+    @torch.no_grad()
+    def zero_unattached(self) -> None:
+        """End of a backward that found detached gradients: a parameter whose grad is still
+        None (zero_grad, then no gradient this time) reads zero in the bucket."""
+        self.queued = False
+        for p, view in self.pairs:
+            if p.grad is None:
+                view.zero_()
 
 
 def _remove_handles(handles: list) -> None:
@@ -67,10 +83,12 @@ class GradBuckets:
     A gradient a parameter already holds is copied into its view.
 
     ``optimizer.zero_grad()`` (``set_to_none=True`` by default) would detach the views; a
-    post-accumulate-grad hook on every parameter re-attaches them: on the first detached
-    gradient of a backward the bucket's gradient buffer is zeroed (what ``zero_grad`` meant) and each fresh
-    gradient is copied into its view. The one case it cannot repair is ``set_to_none`` on
-    only some parameters of a bucket: call ``zero_()`` (or ``zero_grad(set_to_none=False)``).
+    post-accumulate-grad hook on every parameter re-attaches them: a detached parameter's
+    fresh gradient overwrites its view (what ``zero_grad`` meant, for that parameter only,
+    so ``set_to_none`` on some parameters or a replaced ``.grad`` work too), and at the end
+    of that backward the views of parameters whose grad is still None are zeroed. Until
+    a backward reaches one of its parameters the bucket keeps the old values: read it
+    through ``param.grad``, or call ``zero_()``.
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
@@ -135,9 +153,8 @@ class GradBuckets:
             setattr(p, _OWNER_ATTR, owner)
         # The hooks live on the parameters: they must not hold self, or a GradBuckets dropped
         # without release() would never be collected and would keep its parameters owned.
-        zeroed: set = set()  # ids of the buckets whose grads this backward zeroed
-        self._hooks = [p.register_post_accumulate_grad_hook(_reattach_hook(b, view, zeroed))
-                       for b in self.buckets for p, view in zip(b.params, b.views)]
+        reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
+        self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(view)) for p, view in reattach.pairs]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
         self.attach()
 

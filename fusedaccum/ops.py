@@ -39,8 +39,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _scalar(value, name: str, device: torch.device):
     """A float, or a one-element fp32 tensor on ``device`` (read by the kernel: no sync)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"{name} must be a float or a one-element floating tensor, "
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a float or a one-element real tensor, "
                              f"got shape {tuple(value.shape)} dtype {value.dtype}")
         if value.device == device:
             return value.reshape(()).to(torch.float32)
@@ -205,24 +205,39 @@ def _covering_buckets(grads: Sequence[torch.Tensor]):
     return buffers
 
 
+def _fusable_clip_args(max_norm, norm_type) -> bool:
+    if isinstance(max_norm, (torch.Tensor, bool)) or isinstance(norm_type, torch.Tensor):
+        return False  # float() of a device tensor would sync
+    try:
+        return float(max_norm) >= 0 and float(norm_type) > 0
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """Drop-in for ``torch.nn.utils.clip_grad_norm_``: same arguments, same results.
 
     When the gradients are exactly the contents of flat buffers (e.g. ``GradBuckets``), the
     norm and the scaling run as fused kernels over the buffers: one read pass and one
-    read-write pass, no host sync. Otherwise this calls torch's implementation.
+    read-write pass, no host sync. Otherwise this calls torch's implementation: for
+    gradients that are not such views, fp16 gradients (torch takes their norm in fp16), and
+    arguments outside ``max_norm >= 0`` and ``norm_type > 0`` (numbers, not tensors).
     ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
     gradients are then left unscaled when it raises.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
-    buffers = _covering_buckets(grads) if grads else None
-    if buffers is None:
+    buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
+    result_dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads}) if grads else None
+    if buffers is None or result_dtype == torch.float16:
+        # fp16: torch's norm is an fp16 number (inf above 65504) and its clip follows that;
+        # the fused fp32 norm would not. Other arguments the fused path does not take (a
+        # tensor max_norm, norm_type <= 0, ...) go to torch too, which decides what they mean.
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS,
                                 skip_if_nonfinite=bool(error_if_nonfinite))
-    total_norm = stats[0].to(functools.reduce(torch.promote_types, {g.dtype for g in grads}))
+    total_norm = stats[0].to(result_dtype)
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "

@@ -106,7 +106,10 @@ def unscale_clip_(
             raw = total.sqrt()
         else:
             raw = total.pow(1.0 / norm_type)
-    inv = torch.as_tensor(inv_scale, dtype=torch.float32, device=device)
+    # full(), not as_tensor(): a Python number becomes a fill on the device, not a copy from
+    # the host (which the CUDA sync checker counts).
+    inv = (inv_scale.to(torch.float32) if isinstance(inv_scale, torch.Tensor)
+           else torch.full((), inv_scale, dtype=torch.float32, device=device))
     norm = raw * inv.abs()
     found_inf = (~torch.isfinite(norm)).to(torch.float32)
     if max_norm is None:

@@ -132,8 +132,10 @@ class LossScaler:
             if found_inf.numel() != 1:
                 raise ValueError(f"found_inf must be a one-element tensor, got shape {tuple(found_inf.shape)}")
             self._lazy_init(found_inf.device)
+            # non_blocking only towards a device: a non-blocking copy into host memory could be
+            # read below before it lands (a scale kept on the CPU, a flag from the GPU).
             flag = found_inf.detach().reshape(()).to(device=self._scale.device, dtype=torch.float32,
-                                                     non_blocking=True)
+                                                     non_blocking=self._scale.device.type != "cpu")
         elif isinstance(found_inf, (bool, numbers.Real)):
             self._lazy_init(torch.device("cpu"))
             flag = torch.full((), float(bool(found_inf)), dtype=torch.float32, device=self._scale.device)

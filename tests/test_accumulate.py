@@ -104,8 +104,9 @@ def test_accumulate_rejects_bad_input_and_changes_nothing(backend, device, case)
 
 
 @pytest.mark.parametrize("scale, error, message", [
-    (torch.ones(2), ValueError, "scale must be a float or a one-element floating tensor"),
-    (torch.tensor(1), ValueError, "one-element floating tensor"),
+    (torch.ones(2), ValueError, "scale must be a float or a one-element real tensor"),
+    (torch.tensor(True), ValueError, "one-element real tensor"),
+    (torch.tensor(1j), ValueError, "one-element real tensor"),
     ("2", TypeError, "scale must be a float"),
     (True, TypeError, "scale must be a float"),
 ])
@@ -114,6 +115,13 @@ def test_accumulate_rejects_bad_scale(backend, device, scale, error, message):
     with pytest.raises(error, match=message):
         fusedaccum.accumulate_(acc, grad, scale, zero_grad=True)
     assert torch.equal(acc, torch.zeros(4, device=device)) and torch.equal(grad, torch.ones(4, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float64])
+def test_accumulate_takes_a_scale_tensor_of_any_real_dtype(backend, device, dtype):
+    acc, grad = torch.zeros(5, device=device), torch.full((5,), 1.5, device=device)
+    fusedaccum.accumulate_(acc, grad, torch.tensor(3, dtype=dtype, device=device))
+    assert torch.equal(acc, torch.full((5,), 4.5, device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

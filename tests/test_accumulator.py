@@ -14,7 +14,9 @@ Tolerances (max |w - w_ref| over all weights after S optimizer steps):
   S ulps of the largest weight, S * 2^-8 * max|w| for bf16 (S * 2^-11 * max|w| for fp16).
 """
 
+import contextlib
 import copy
+import warnings
 import io
 
 import pytest
@@ -489,6 +491,107 @@ def test_load_state_dict_rejects_a_corrupt_window_and_changes_nothing(corrupt):
     assert all(same_bits(b.accum, s) for b, s in zip(acc.buckets, sums))
 
 
+# ---------------------------------------------------------------- step edge cases
+
+def test_num_items_tensor_is_copied_not_kept(backend, device):
+    """A float64 counter reused and refilled by the caller for every micro-batch."""
+    def run(reuse):
+        model = make_model(torch.float32, device)
+        acc = GradAccumulator(model.parameters(), 2)
+        x, y = make_data(8, device)
+        counter = torch.zeros((), dtype=torch.float64, device=device)
+        for lo, hi in ((0, 3), (3, 8)):
+            items = counter.fill_(hi - lo) if reuse else torch.tensor(float(hi - lo), dtype=torch.float64,
+                                                                      device=device)
+            acc.backward(sum_loss(model, x[lo:hi], y[lo:hi]), num_items=items)
+            if reuse:
+                counter.fill_(1e6)  # refilled (here: spoiled) before the step
+        res = acc.step(make_opt("sgd", model.parameters()))
+        return float(res.num_items), model
+
+    (n_fresh, a), (n_reused, b) = run(False), run(True)
+    assert n_fresh == n_reused == 8
+    assert all(same_bits(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_a_step_whose_optimizer_raises_can_be_retried(backend, device):
+    """optimizer.step() raising after the fused pass: the retry steps with the same processed
+    gradient (not normalized twice), and the window is closed only then."""
+    x, y = make_data(2 * MICRO, device)
+    micro = split(x, y, [MICRO, MICRO])
+
+    def run(fail_first):
+        model = make_model(torch.float32, device)
+        acc = GradAccumulator(model.parameters(), 2, max_norm=0.5, scaler=LossScaler(init_scale=4.0))
+        for xb, yb in micro:
+            acc.backward(mean_loss(model, xb, yb))
+        if fail_first:
+            broken = torch.optim.LBFGS(model.parameters())  # its step() needs a closure
+            with pytest.raises(TypeError):
+                acc.step(broken)
+            grads = [p.grad.clone() for p in model.parameters()]
+            with pytest.raises(RuntimeError, match="call step\\(optimizer\\) again"):
+                acc.backward(mean_loss(model, x, y))
+            with pytest.raises(RuntimeError, match="call step\\(optimizer\\) again"):
+                acc.state_dict()
+            assert all(same_bits(p.grad, g) for p, g in zip(model.parameters(), grads))
+            assert acc.scaler.get_scale() == 4.0  # not updated by the failed step
+        res = acc.step(make_opt("sgd", model.parameters()))
+        assert res is not None and acc.micro_batches == 0
+        acc.backward(mean_loss(model, *micro[0]))  # the next window starts normally
+        return model, float(res.total_norm), acc.scaler.get_scale()
+
+    (a, norm_a, scale_a), (b, norm_b, scale_b) = run(False), run(True)
+    assert norm_a == norm_b and scale_a == scale_b
+    assert all(same_bits(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("items_as", ["int", "tensor"])
+def test_a_window_of_zero_items_is_skipped(backend, device, items_as):
+    model = make_model(torch.float32, device)
+    acc = GradAccumulator(model.parameters(), 2, scaler=LossScaler(init_scale=8.0))
+    opt = make_opt("adamw", model.parameters())
+    x, y = make_data(4, device)
+    zero = 0 if items_as == "int" else torch.tensor(0, device=device)
+    for _ in range(2):
+        acc.backward(sum_loss(model, x[:0], y[:0]), num_items=zero)  # e.g. all-padding micro-batches
+    before = snapshot(model, opt)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = acc.step(opt)
+    said = [str(w.message) for w in record if "0 items" in str(w.message)]
+    assert len(said) == (items_as == "int")  # a host count is known without a sync
+    assert float(res.found_inf) == 1.0 and acc.micro_batches == 0
+    assert same_snapshot(snapshot(model, opt), before)
+    acc.backward(sum_loss(model, x, y), num_items=4)  # the next window trains
+    acc.backward(sum_loss(model, x, y), num_items=4)
+    assert float(acc.step(opt).found_inf) == 0.0
+    assert not same_snapshot(snapshot(model, opt), before)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fused_sgd_after_a_skipped_first_step(backend, device, momentum):
+    """SGD(fused=True) creates its momentum buffers uninitialised (empty_like) in its first
+    step: a first step skipped on the device must not leave them for the next one."""
+    def run(fused):
+        model = make_model(torch.float32, device)
+        acc = GradAccumulator(model.parameters(), 1, scaler=LossScaler(init_scale=2.0**127))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, fused=fused)
+        x, y = make_data(4, device)
+        acc.backward(mean_loss(model, x * 1e20, y))  # overflows: skipped
+        assert float(acc.step(opt).found_inf) == 1.0
+        acc.scaler.load_state_dict({**acc.scaler.state_dict(), "scale": 1.0})
+        for _ in range(2):
+            acc.backward(mean_loss(model, x, y))
+            assert float(acc.step(opt).found_inf) == 0.0
+        return model
+
+    fused, plain = run(True), run(False)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- zero_grad
 
 @pytest.mark.parametrize("how", ["between_windows", "between_windows_keep", "every_micro_batch", "before_step"])
@@ -601,11 +704,17 @@ def test_fused_optimizer_path_never_reads_the_device(monkeypatch):
 
     for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
         forbid(name)
-    losses = [mean_loss(model, x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]  # forwards before spying
+    losses = [mean_loss(model, x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    losses += [mean_loss(model, x[i:i + 2], y[i:i + 2]) for i in range(0, 4, 2)]  # forwards before spying
     reads.clear()
     fused = torch.optim.AdamW(model.parameters(), fused=True)
     acc.backward(losses[0], num_items=torch.tensor(2))
     acc.backward(losses[1], num_items=torch.tensor(2))
+    assert acc.step(fused) is not None
+    assert reads == ["item"]  # the first step: the optimizer has no state yet (see step())
+    reads.clear()
+    acc.backward(losses[4], num_items=torch.tensor(2))
+    acc.backward(losses[5], num_items=torch.tensor(2))
     assert acc.step(fused) is not None
     assert reads == []
     plain = torch.optim.AdamW(model.parameters())
@@ -750,7 +859,6 @@ def test_warns_once_about_batchnorm_in_training_mode():
             acc.step(torch.optim.SGD(model.parameters(), lr=0.1))
     assert sum("BatchNorm" in str(w.message) for w in record) == 1
 
-    import warnings
     acc.release()
     model.eval()
     with warnings.catch_warnings():
@@ -762,6 +870,31 @@ def test_warns_once_about_batchnorm_in_training_mode():
         acc.backward(mean_loss(model, x, y))
         acc.step(torch.optim.SGD(model.parameters(), lr=0.1))
         acc.backward(mean_loss(model, x, y))
+
+
+@pytest.mark.parametrize("how", ["accumulate", "model given"])
+def test_batchnorm_switched_to_training_later_is_seen_and_points_at_the_caller(how):
+    """The model stays in train mode; one BatchNorm layer is unfrozen after some windows."""
+
+    model = nn.Sequential(nn.Linear(IN, 4), nn.BatchNorm1d(4), nn.Linear(4, OUT))
+    model[1].eval()
+    x, y = make_data(8, "cpu")
+    acc = GradAccumulator(model if how == "model given" else model.parameters(), 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def window():
+        for _ in range(2):
+            with acc.accumulate(model) if how == "accumulate" else contextlib.nullcontext():
+                acc.backward(mean_loss(model, x, y))
+        acc.step(opt)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        window()
+    model[1].train()
+    with pytest.warns(UserWarning, match=r"BatchNorm1d layer '1' is in training mode") as record:
+        window()
+    assert [w.filename for w in record if "BatchNorm" in str(w.message)] == [__file__]
 
 
 def test_exports():

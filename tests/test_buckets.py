@@ -115,6 +115,57 @@ def test_zero_grad_then_unused_param_reads_zero():
     assert model[2].weight.grad is bucket.views[2]
 
 
+SCENARIOS = {
+    # Each: a list of steps on parameters (a, b, c); "zero" / "zero a" set grads to None,
+    # ("bw", names) runs a backward through those parameters.
+    "unused first, used later": ["zero", ("bw", "a"), ("bw", "ab"), ("bw", "abc")],
+    "set_to_none on some": [("bw", "abc"), "zero a", ("bw", "ab"), ("bw", "abc")],
+    "replaced grad": [("bw", "abc"), "replace b", ("bw", "abc")],
+    "create_graph": [("bw", "abc"), ("bw2", "abc"), ("bw", "bc")],
+    "zero, then one of them": [("bw", "abc"), "zero", ("bw", "c"), ("bw", "a")],
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # torch's, for plain torch too
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_grads_follow_torch_through_zero_grad_and_partial_backwards(name):
+    """Standalone GradBuckets (no GradAccumulator re-attaching before each backward): after
+    every step each param.grad equals what plain torch holds, and the bucket equals the
+    attached grads (zero where torch says None)."""
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(n)) for n in (3, 5, 2)]
+
+    ours, plain = make(), make()
+    buckets = fusedaccum.GradBuckets(ours)
+    xs = [torch.randn(n) for n in (3, 5, 2)]
+
+    def backward(params, names, create_graph=False):
+        loss = sum((params["abc".index(c)] * xs["abc".index(c)]).square().sum() for c in names)
+        loss.backward(create_graph=create_graph)
+
+    for step in SCENARIOS[name]:
+        for params in (ours, plain):
+            if step == "zero":
+                for p in params:
+                    p.grad = None
+            elif step == "zero a":
+                params[0].grad = None
+            elif step == "replace b":
+                params[1].grad = torch.full_like(params[1], 7.0)
+            else:
+                kind, names = step
+                backward(params, names, create_graph=kind == "bw2")
+        for p, q in zip(ours, plain):
+            assert (p.grad is None) == (q.grad is None)
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad.detach(), rtol=1e-6, atol=0)
+        if step in ("zero", "zero a", "replace b"):
+            continue  # until the next backward the bucket keeps the old values (documented)
+        want = torch.cat([torch.zeros(q.numel()) if q.grad is None else q.grad.detach() for q in plain])
+        torch.testing.assert_close(buckets.buckets[0].accum, want, rtol=1e-6, atol=0)
+
+
 def test_skips_frozen_dedupes_and_groups_by_dtype():
     a = torch.nn.Parameter(torch.ones(3))
     frozen = torch.nn.Parameter(torch.ones(4), requires_grad=False)

@@ -18,6 +18,17 @@ def _params(dtype, device, shapes, seed=0):
     return params, grads
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times clip_grad_norm_ took the fused path."""
+    from fusedaccum import ops
+
+    calls = []
+    real = ops._unscale_clip_stats
+    monkeypatch.setattr(ops, "_unscale_clip_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _twin(dtype, device, bucketed, shapes=SHAPES):
     """Two identical parameter lists: one for torch's clip, one for ours (maybe bucketed)."""
     theirs, grads = _params(dtype, device, shapes)
@@ -37,7 +48,7 @@ def _twin(dtype, device, bucketed, shapes=SHAPES):
 @pytest.mark.parametrize("p", [2.0, 1.0, float("inf"), 3.0])
 @pytest.mark.parametrize("max_norm", [0.5, 1e9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_torch(backend, device, bucketed, p, max_norm, dtype):
+def test_matches_torch(backend, device, bucketed, p, max_norm, dtype, fused_calls):
     # torch's foreach inf-norm refuses empty tensors (no identity for max); ours gives the
     # max over the others (tested below), so leave the empty one out here.
     shapes = [s for s in SHAPES if 0 not in s] if p == float("inf") else SHAPES
@@ -50,7 +61,8 @@ def test_matches_torch(backend, device, bucketed, p, max_norm, dtype):
     tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, **tol)
-    if bucketed:  # the fast path ran: grads are still the bucket views
+    assert len(fused_calls) == bucketed
+    if bucketed:
         assert all(p.grad is v for b in buckets for p, v in zip(b.params, b.views))
 
 
@@ -105,3 +117,52 @@ def test_inf_norm_with_an_empty_grad(backend, device):
     _, ours, _ = _twin(torch.float32, device, bucketed=True)
     want = max(float(p.grad.abs().max()) for p in ours if p.numel())
     assert float(fusedaccum.clip_grad_norm_(ours, 1e9, norm_type="inf")) == want
+
+
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+def test_fp16_grads_follow_torch_fp16_norm(backend, device, error_if_nonfinite, fused_calls):
+    """torch takes an fp16 norm: 1e5 overflows to inf, so it raises (grads untouched) or
+    scales by max_norm / inf = 0. The fused fp32 norm would clip instead: fp16 goes to torch."""
+    shapes = [(100, 100), (7,)]
+    theirs, ours, _ = _twin(torch.float16, device, bucketed=True, shapes=shapes)
+    for params in (theirs, ours):
+        for p in params:
+            p.grad.fill_(1000.0)
+    before = [p.grad.clone() for p in ours]
+    results = []
+    for params in (theirs, ours):
+        clip = torch.nn.utils.clip_grad_norm_ if params is theirs else fusedaccum.clip_grad_norm_
+        if error_if_nonfinite:
+            with pytest.raises(RuntimeError, match="non-finite"):
+                clip(params, 1.0, error_if_nonfinite=True)
+        else:
+            results.append(clip(params, 1.0))
+    if error_if_nonfinite:
+        assert all(same_bits(p.grad, b) for p, b in zip(ours, before))
+    else:
+        assert same_bits(results[0], results[1]) and float(results[1]) == float("inf")
+        assert all(same_bits(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_norm=-1.0), dict(max_norm=float("nan")),
+                                    dict(max_norm=1.0, norm_type=0), dict(max_norm=1.0, norm_type=-2.0),
+                                    dict(max_norm=torch.tensor(0.5))])
+def test_arguments_the_fused_path_does_not_take_go_to_torch(backend, device, kwargs, fused_calls):
+    """Whatever torch does with them (scale by a negative or NaN factor, a 0-"norm", ...),
+    bucketed gradients get the same: a call works or fails alike, bucketed or not."""
+    theirs, ours, _ = _twin(torch.float32, device, bucketed=True)
+    outcome = []
+    for params, clip in ((theirs, torch.nn.utils.clip_grad_norm_), (ours, fusedaccum.clip_grad_norm_)):
+        try:
+            outcome.append(clip(params, **kwargs))
+        except Exception as e:  # noqa: BLE001 - compare torch's error with ours
+            outcome.append(type(e))
+    if isinstance(outcome[0], type):
+        assert outcome[0] == outcome[1]
+    else:
+        assert same_bits(outcome[0], outcome[1])
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.grad.isnan(), b.grad.isnan())
+            torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+    assert not fused_calls

@@ -165,7 +165,7 @@ def _ddp_counting_hook(original_all_reduce):
 
 
 def _train(acc, model, opt, plan, rank, per_item, *, shown=True, items_as=("int", "tensor"), inject=None,
-           hook_state=None):
+           hook_state=None, sync_partial=True):
     """Run plan's windows on this rank (forward through ``model``, inside acc.accumulate(model)
     when ``shown``); returns what the tests check."""
     rec = {"micro_calls": [], "step_calls": [], "ddp_calls": [], "norms": [], "found_inf": [], "params": [],
@@ -179,7 +179,7 @@ def _train(acc, model, opt, plan, rank, per_item, *, shown=True, items_as=("int"
                 x = x.clone()
                 x[0, 0] = float("inf")
             before, ddp_before = len(CALLS), hooked()
-            sync = True if forced and k == len(micro) - 1 else None
+            sync = True if forced and k == len(micro) - 1 and sync_partial else None
             with acc.accumulate(model, sync=sync) if shown else nullcontext():
                 if per_item:
                     n = len(x) if items_as[w % len(items_as)] == "int" else torch.tensor(len(x))
@@ -246,6 +246,18 @@ def scenario_ddp_mean(rank, world, original):
     ddp = nn.parallel.DistributedDataParallel(model)  # DDP's own all-reduce, no hook
     acc = GradAccumulator(ddp.parameters(), K, max_norm=MAX_NORM)
     return _train(acc, ddp, make_opt("sgd", model.parameters()), MEAN_PLAN, rank, per_item=False)
+
+
+def scenario_ddp_mean_quickstart(rank, world, original):
+    """The README's loop under DDP: accumulate(ddp) with no sync= hint, so the forced partial
+    window's last micro-batch runs under no_sync(); step(force=True) reduces it."""
+    from fusedaccum import GradAccumulator
+
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    acc = GradAccumulator(ddp, K, max_norm=MAX_NORM)
+    return _train(acc, ddp, make_opt("sgd", model.parameters()), MEAN_PLAN, rank, per_item=False,
+                  sync_partial=False)
 
 
 def scenario_ddp_items(rank, world, original):
@@ -390,8 +402,8 @@ def launch(tmp_path, backend, names, timeout=90):
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-TORCH_SCENARIOS = ["mean_clip", "items_clip", "mixed_items", "inf_one_rank", "ddp_mean", "ddp_items",
-                   "ddp_unshown", "refusals"]
+TORCH_SCENARIOS = ["mean_clip", "items_clip", "mixed_items", "inf_one_rank", "ddp_mean", "ddp_mean_quickstart",
+                   "ddp_items", "ddp_unshown", "refusals"]
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +493,9 @@ def test_collectives_one_all_reduce_per_bucket_per_step(runs):
     for rank, rec in enumerate(ok(runs["ddp_mean"])):
         assert rec["micro_calls"] == [0] * (8 - rank)
         assert rec["step_calls"] == [[], [], [count]]
+    for rank, rec in enumerate(ok(runs["ddp_mean_quickstart"])):  # the partial window: nobody else reduced it
+        assert rec["micro_calls"] == [0] * (8 - rank)
+        assert rec["step_calls"] == [[], [], [count, bucket]]
     for rank, rec in enumerate(ok(runs["ddp_items"])):
         assert rec["micro_calls"] == [0] * 6
         assert rec["step_calls"] == [[count]] * 2
@@ -518,6 +533,7 @@ def test_ddp_with_accumulate_equals_one_process(runs):
     sum-losses: multiplier world_size / global items)."""
     ref, norms = reference(MEAN_PLAN, per_item=False, max_norm=MAX_NORM)
     assert_matches(ok(runs["ddp_mean"]), ref, norms)
+    assert_matches(ok(runs["ddp_mean_quickstart"]), ref, norms)  # no sync=True on the partial window
     ref, norms = reference(ITEMS_PLAN, per_item=True, max_norm=MAX_NORM)
     assert_matches(ok(runs["ddp_items"]), ref, norms)
 
