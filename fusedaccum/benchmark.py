@@ -361,12 +361,17 @@ class _InjectGrads(torch.autograd.Function):
 class NullOptimizer(torch.optim.Optimizer):
     """An optimizer whose step does nothing, so the window rows time gradient handling, not
     an update. It declares PyTorch's fused-AMP contract (``found_inf`` handed over as a device
-    tensor, as ``AdamW(fused=True)`` does), so ``GradAccumulator.step`` has no host sync."""
+    tensor, as ``AdamW(fused=True)`` does), so ``GradAccumulator.step`` has no host sync. Its
+    state is filled from the start, as a fused optimizer's is after its first step (before
+    it, ``GradAccumulator`` takes the synchronous path)."""
 
     _step_supports_amp_scaling = True
 
     def __init__(self, params):
         super().__init__(params, {})
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["initialized"] = True
 
     def step(self, closure=None):
         return None

@@ -173,3 +173,20 @@ def test_cli_forwards_bench_arguments(monkeypatch):
     assert seen == [["--quick", "--sizes", "1e4", "--out", "x"]]
     args = benchmark.parse_args(["--sizes", "1e4,2e5", "--no-compile"])
     assert args.sizes == [10**4, 2 * 10**5] and args.compile is False
+
+
+def test_window_rows_take_the_sync_free_path(monkeypatch):
+    """The window rows' NullOptimizer must look like a fused optimizer after its first step,
+    or GradAccumulator.step would read found_inf on the host and the rows would time a sync."""
+    import fusedaccum
+
+    p = torch.nn.Parameter(torch.ones(8))
+    acc = fusedaccum.GradAccumulator([p], 2)
+    opt = benchmark.NullOptimizer([p])
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError("host read of a tensor on the step path")
+    acc.backward((p * 2).sum())
+    acc.backward((p * 2).sum())
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    assert acc.step(opt) is not None
