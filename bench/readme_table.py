@@ -1,0 +1,67 @@
+"""Print the README's table of a stored bench result (the fusedaccum rows, speed-ups by baseline).
+
+    python bench/readme_table.py bench/results/<device>.json
+
+The README's numbers come from here, so none of them is typed by hand."""
+
+import json
+import sys
+from pathlib import Path
+
+# README column -> the baseline (speed-up key) it shows, first match wins.
+COLUMNS = [
+    ("vs torch, flat", ("[flat]",), ("compile",)),
+    ("vs torch, 148 tensors", ("[gpt2-148]",), ()),
+    ("vs torch, 496 tensors", ("[list-496]",), ()),
+    ("vs torch.compile", ("compile",), ()),
+]
+
+
+def _n(size: int) -> str:
+    for e in (6, 7, 8, 9):
+        if size == 10**e:
+            return f"1e{e}"
+    return f"{size:,}"
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
+
+
+def _pick(speedups: dict, want, avoid):
+    for key, value in speedups.items():
+        if any(w in key for w in want) and not any(a in key for a in avoid):
+            return f"{value:.2f}x"
+    return ""
+
+
+def table(results: dict) -> str:
+    head = ["fusedaccum op", "N", "median", "B/el", "GB/s", "% copy"] + [c[0] for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results["rows"]:
+        if not r.get("ours") or r.get("median_s") is None:
+            continue
+        sp = r.get("speedups", {})
+        cells = [r["op"], _n(r["size"]), _ms(r["median_s"]), str(r["bytes_per_elem"]), f"{r['gbps']:.1f}",
+                 f"{r['frac_copy']:.0%}"]
+        if r["size"] in (10**6, 10**7, 10**8, 10**9):
+            cells += [_pick(sp, want, avoid) for _, want, avoid in COLUMNS]
+        else:  # the real GPT-2-small rows: their own baselines, named
+            cells += ["; ".join(f"{k}: {v:.2f}x" for k, v in sp.items()), "", "", ""]
+        if r["layout"] not in ("flat", "gpt2-148"):
+            cells[0] += f" ({r['layout']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    print(table(json.loads(Path(argv[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
