@@ -190,3 +190,19 @@ def test_window_rows_take_the_sync_free_path(monkeypatch):
     acc.backward((p * 2).sum())
     monkeypatch.setattr(torch.Tensor, "item", forbidden)
     assert acc.step(opt) is not None
+
+
+def test_readme_table_has_a_line_per_fusedaccum_row():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("readme_table", root / "bench" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for path in sorted((root / "bench" / "results").glob("*.json")):
+        results = json.loads(path.read_text())
+        lines = module.table(results).splitlines()
+        ours = [r for r in results["rows"] if r.get("ours") and r.get("median_s") is not None]
+        assert len(lines) == 2 + len(ours) and ours
+        assert all(line.count("|") == lines[0].count("|") for line in lines)
