@@ -74,6 +74,27 @@ class StepResult:
     num_items: "int | float | torch.Tensor | None"
 
 
+def _state_survives_device_skip(optimizer) -> bool:
+    """Whether a step that a fused optimizer skips on the device leaves its state as it was.
+
+    A fused optimizer creates a parameter's state in the first step that sees its gradient,
+    and SGD(fused=True, momentum != 0) creates momentum buffers uninitialised (empty_like):
+    a skipped step would leave garbage that the next step reads (torch.amp.GradScaler has
+    the same hole). So every parameter with a gradient must already have its state (for SGD:
+    its momentum buffer, none without momentum); until then, the caller syncs instead."""
+    sgd = isinstance(optimizer, torch.optim.SGD)
+    for group in optimizer.param_groups:
+        if sgd and group.get("momentum", 0) == 0:
+            continue
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state.get(p, {})
+            if ("momentum_buffer" not in state) if sgd else not state:
+                return False
+    return True
+
+
 class GradAccumulator:
     """Accumulate ``accumulation_steps`` micro-batches into fp32 buckets, then take one
     optimizer step that equals one large-batch step.
@@ -447,10 +468,11 @@ class GradAccumulator:
 
         Host syncs: optimizers with PyTorch's fused AMP contract
         (``_step_supports_amp_scaling``, e.g. ``AdamW(fused=True)``, ``SGD(fused=True)``)
-        receive ``found_inf`` as a device tensor and skip on the device: no sync, once the
-        optimizer has state (its first successful step; before it, ``SGD(fused=True)`` with
-        momentum would keep uninitialised momentum buffers from a step skipped on the device).
-        Any other optimizer, and a fused one before its first step, costs exactly one sync per
+        receive ``found_inf`` as a device tensor and skip on the device: no sync, once every
+        parameter with a gradient has its optimizer state (after the first successful step that
+        saw it; ``SGD(fused=True)`` without momentum needs none; before, ``SGD(fused=True)``
+        with momentum would keep uninitialised momentum buffers from a step skipped on the
+        device). Any other optimizer, and a fused one until then, costs exactly one sync per
         optimizer step (``found_inf.item()`` decides whether to call ``optimizer.step()``).
         Nothing else reads the device.
 
@@ -539,12 +561,8 @@ class GradAccumulator:
 
     @staticmethod
     def _optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
-        # Not before the optimizer has state: a fused optimizer creates it in its first step,
-        # and SGD(fused=True, momentum>0) creates its momentum buffers uninitialised
-        # (empty_like), so a first step skipped on the device leaves garbage that the next
-        # step reads (torch.amp.GradScaler has the same hole). Until then, one sync per step.
         if (getattr(optimizer, "_step_supports_amp_scaling", False) and not _takes_grad_scaler(optimizer)
-                and optimizer.state):
+                and _state_survives_device_skip(optimizer)):
             # torch.amp.GradScaler's contract for fused optimizers: the gradients are already
             # unscaled (grad_scale None); found_inf makes the kernel skip the update, and
             # undo its step count, on the device.

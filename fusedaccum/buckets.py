@@ -9,6 +9,9 @@ import torch
 from .ops import GRAD_DTYPES, _dense_layout
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
+# Which backward is running (torch's register_multi_grad_hook uses it too). A torch without it
+# gets a fresh object each time: the end-of-backward callback is then queued per re-attach.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", object)
 
 
 class _Reattach:
@@ -17,7 +20,9 @@ class _Reattach:
 
     def __init__(self, pairs: list):
         self.pairs = pairs  # (param, view) of every bucket
-        self.queued = False
+        # The backward whose end callback is queued: a backward that raised never ran its
+        # callback, so a flag would stay set and skip the zeroing in every later backward.
+        self.queued_for = None
 
     def hook(self, view: torch.Tensor):
         def reattach(p: torch.Tensor) -> None:
@@ -28,8 +33,9 @@ class _Reattach:
             with torch.no_grad():
                 view.copy_(p.grad)
             p.grad = view
-            if not self.queued:
-                self.queued = True
+            task = _graph_task_id()
+            if self.queued_for != task:
+                self.queued_for = task
                 torch.autograd.Variable._execution_engine.queue_callback(self.zero_unattached)
 
         return reattach
@@ -38,7 +44,7 @@ class _Reattach:
     def zero_unattached(self) -> None:
         """End of a backward that found detached gradients: a parameter whose grad is still
         None (zero_grad, then no gradient this time) reads zero in the bucket."""
-        self.queued = False
+        self.queued_for = None
         for p, view in self.pairs:
             if p.grad is None:
                 view.zero_()
@@ -88,7 +94,8 @@ class GradBuckets:
     so ``set_to_none`` on some parameters or a replaced ``.grad`` work too), and at the end
     of that backward the views of parameters whose grad is still None are zeroed. Until
     a backward reaches one of its parameters the bucket keeps the old values: read it
-    through ``param.grad``, or call ``zero_()``.
+    through ``param.grad``, or call ``zero_()``. With ``backward(create_graph=True)`` the
+    views hold the values but no graph (no double backward through ``param.grad``).
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are

@@ -221,19 +221,23 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     When the gradients are exactly the contents of flat buffers (e.g. ``GradBuckets``), the
     norm and the scaling run as fused kernels over the buffers: one read pass and one
     read-write pass, no host sync. Otherwise this calls torch's implementation: for
-    gradients that are not such views, fp16 gradients (torch takes their norm in fp16), and
-    arguments outside ``max_norm >= 0`` and ``norm_type > 0`` (numbers, not tensors).
+    gradients that are not such views, any fp16 gradients (torch takes their norm in fp16),
+    and arguments outside ``max_norm >= 0`` and ``norm_type > 0`` (numbers, not tensors).
+    bf16 beside wider gradients: torch rounds the bf16 group's norm to bf16 before combining
+    it; the fused norm does not, so the two differ within one bf16 rounding of that part.
     ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
     gradients are then left unscaled when it raises.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
     buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
-    result_dtype = functools.reduce(torch.promote_types, {g.dtype for g in grads}) if grads else None
-    if buffers is None or result_dtype == torch.float16:
-        # fp16: torch's norm is an fp16 number (inf above 65504) and its clip follows that;
-        # the fused fp32 norm would not. Other arguments the fused path does not take (a
-        # tensor max_norm, norm_type <= 0, ...) go to torch too, which decides what they mean.
+    dtypes = {g.dtype for g in grads}
+    result_dtype = functools.reduce(torch.promote_types, dtypes) if grads else None
+    if buffers is None or torch.float16 in dtypes:
+        # fp16 (alone or beside wider grads): torch takes the fp16 grads' norm as an fp16
+        # number (inf above 65504) and its clip follows that; the fused fp32 norm would not.
+        # Other arguments the fused path does not take (a tensor max_norm, norm_type <= 0,
+        # ...) go to torch too, which decides what they mean.
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS,
                                 skip_if_nonfinite=bool(error_if_nonfinite))

@@ -592,6 +592,32 @@ def test_fused_sgd_after_a_skipped_first_step(backend, device, momentum):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_fused_sgd_param_group_added_after_the_first_step(backend, device):
+    """Optimizer state that exists for some parameters only: a param group added later has
+    no momentum buffer yet, and a step skipped on the device must not create it uninitialised."""
+    def run(fused):
+        model = make_model(torch.float32, device)
+        first, *later = list(model.parameters())
+        acc = GradAccumulator(model.parameters(), 1, scaler=LossScaler(init_scale=1.0))
+        opt = torch.optim.SGD([first], lr=0.1, momentum=0.9, fused=fused)
+        x, y = make_data(4, device)
+        acc.backward(mean_loss(model, x, y))
+        assert float(acc.step(opt).found_inf) == 0.0 and first in opt.state
+        opt.add_param_group({"params": later})
+        acc.backward(mean_loss(model, x, y) * float("inf"))  # overflows: skipped
+        assert float(acc.step(opt).found_inf) == 1.0
+        assert all("momentum_buffer" not in opt.state.get(p, {}) for p in later)
+        for _ in range(2):
+            acc.backward(mean_loss(model, x, y))
+            assert float(acc.step(opt).found_inf) == 0.0
+        return model
+
+    fused, plain = run(True), run(False)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------- zero_grad
 
 @pytest.mark.parametrize("how", ["between_windows", "between_windows_keep", "every_micro_batch", "before_step"])
@@ -729,6 +755,14 @@ def test_fused_optimizer_path_never_reads_the_device(monkeypatch):
     acc.backward(losses[3])
     assert acc.step(plain) is not None
     assert reads == ["item"]  # found_inf, once per optimizer step
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)  # no momentum: no state, ever
+    for _ in range(2):
+        window = [mean_loss(model, x[i:i + 2], y[i:i + 2]) for i in (0, 2)]
+        reads.clear()
+        for loss in window:
+            acc.backward(loss)
+        assert acc.step(sgd) is not None
+        assert reads == [] and not sgd.state
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")

@@ -115,6 +115,41 @@ def test_zero_grad_then_unused_param_reads_zero():
     assert model[2].weight.grad is bucket.views[2]
 
 
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed on purpose")
+
+
+def test_a_backward_that_raises_does_not_stop_later_zeroing():
+    """A backward that raises after one re-attach never runs its end-of-backward callback;
+    the next backwards must still zero the views of parameters that get no gradient."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    buckets = fusedaccum.GradBuckets([a, b])
+    (a.sum() + b.sum()).backward()
+    a.grad = b.grad = None
+    failing = _FailingBackward.apply(b).sum()
+    fine = (a * 3).sum()  # recorded later, so run first: a's hook re-attaches before b's branch raises
+    with pytest.raises(RuntimeError, match="on purpose"):
+        (failing + fine).backward()
+    assert a.grad is bucket_view(buckets, 0)
+    a.grad = b.grad = None
+    (a.sum() * 5).backward()
+    assert b.grad is None
+    assert torch.equal(bucket_view(buckets, 1), torch.zeros(3))  # b got no gradient: zero, not stale
+    assert torch.equal(bucket_view(buckets, 0), torch.full((3,), 5.0))
+
+
+def bucket_view(buckets, i):
+    (bucket,) = buckets.buckets
+    return bucket.views[i]
+
+
 SCENARIOS = {
     # Each: a list of steps on parameters (a, b, c); "zero" / "zero a" set grads to None,
     # ("bw", names) runs a backward through those parameters.

@@ -145,6 +145,27 @@ def test_fp16_grads_follow_torch_fp16_norm(backend, device, error_if_nonfinite, 
     assert not fused_calls
 
 
+def test_fp16_beside_fp32_grads_follow_torch(backend, device, fused_calls):
+    """Mixed fp16 and fp32 grads promote to an fp32 result, but torch still takes the fp16
+    group's norm in fp16 (inf here): any fp16 grad sends the call to torch."""
+    def make():
+        return [torch.nn.Parameter(torch.zeros(100, 100, dtype=torch.float16, device=device)),
+                torch.nn.Parameter(torch.zeros(7, device=device))]
+
+    theirs, ours = make(), make()
+    fusedaccum.GradBuckets(ours)
+    for p in theirs:
+        p.grad = torch.zeros_like(p)
+    for params in (theirs, ours):
+        params[0].grad.fill_(1000.0)
+        params[1].grad.fill_(1.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    got = fusedaccum.clip_grad_norm_(ours, 1.0)
+    assert float(want) == float("inf") and same_bits(got, want)
+    assert all(same_bits(a.grad, b.grad) for a, b in zip(ours, theirs))
+    assert not fused_calls
+
+
 @pytest.mark.parametrize("kwargs", [dict(max_norm=-1.0), dict(max_norm=float("nan")),
                                     dict(max_norm=1.0, norm_type=0), dict(max_norm=1.0, norm_type=-2.0),
                                     dict(max_norm=torch.tensor(0.5))])
