@@ -569,6 +569,21 @@ def test_a_window_of_zero_items_is_skipped(backend, device, items_as):
     assert not same_snapshot(snapshot(model, opt), before)
 
 
+def _two_windows(model, acc, opt, x, y):
+    for _ in range(2):
+        acc.backward(mean_loss(model, x, y))
+        assert float(acc.step(opt).found_inf) == 0.0
+    return model
+
+
+def _assert_fused_equals_plain(run):
+    """run(fused) trains with SGD(fused=fused) and returns the model."""
+    fused, plain = run(True), run(False)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_fused_sgd_after_a_skipped_first_step(backend, device, momentum):
     """SGD(fused=True) creates its momentum buffers uninitialised (empty_like) in its first
@@ -581,15 +596,9 @@ def test_fused_sgd_after_a_skipped_first_step(backend, device, momentum):
         acc.backward(mean_loss(model, x * 1e20, y))  # overflows: skipped
         assert float(acc.step(opt).found_inf) == 1.0
         acc.scaler.load_state_dict({**acc.scaler.state_dict(), "scale": 1.0})
-        for _ in range(2):
-            acc.backward(mean_loss(model, x, y))
-            assert float(acc.step(opt).found_inf) == 0.0
-        return model
+        return _two_windows(model, acc, opt, x, y)
 
-    fused, plain = run(True), run(False)
-    for p, q in zip(fused.parameters(), plain.parameters()):
-        assert torch.isfinite(p).all()
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _assert_fused_equals_plain(run)
 
 
 def test_fused_sgd_param_group_added_after_the_first_step(backend, device):
@@ -607,15 +616,9 @@ def test_fused_sgd_param_group_added_after_the_first_step(backend, device):
         acc.backward(mean_loss(model, x, y) * float("inf"))  # overflows: skipped
         assert float(acc.step(opt).found_inf) == 1.0
         assert all("momentum_buffer" not in opt.state.get(p, {}) for p in later)
-        for _ in range(2):
-            acc.backward(mean_loss(model, x, y))
-            assert float(acc.step(opt).found_inf) == 0.0
-        return model
+        return _two_windows(model, acc, opt, x, y)
 
-    fused, plain = run(True), run(False)
-    for p, q in zip(fused.parameters(), plain.parameters()):
-        assert torch.isfinite(p).all()
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _assert_fused_equals_plain(run)
 
 
 # ---------------------------------------------------------------- zero_grad
