@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from fusedaccum.benchmark import _fmt_n, _fmt_t
+
 # README column -> the baseline (speed-up key) it shows, first match wins.
 COLUMNS = [
     ("vs torch, flat", ("[flat]",), ("compile",)),
@@ -15,18 +17,6 @@ COLUMNS = [
     ("vs torch, 496 tensors", ("[list-496]",), ()),
     ("vs torch.compile", ("compile",), ()),
 ]
-
-
-def _n(size: int) -> str:
-    for e in (6, 7, 8, 9):
-        if size == 10**e:
-            return f"1e{e}"
-    return f"{size:,}"
-
-
-def _ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms"
 
 
 def _pick(speedups: dict, want, avoid):
@@ -43,7 +33,7 @@ def table(results: dict) -> str:
         if not r.get("ours") or r.get("median_s") is None:
             continue
         sp = r.get("speedups", {})
-        cells = [r["op"], _n(r["size"]), _ms(r["median_s"]), str(r["bytes_per_elem"]), f"{r['gbps']:.1f}",
+        cells = [r["op"], _fmt_n(r["size"]), _fmt_t(r["median_s"]), str(r["bytes_per_elem"]), f"{r['gbps']:.1f}",
                  f"{r['frac_copy']:.0%}"]
         if r["size"] in (10**6, 10**7, 10**8, 10**9):
             cells += [_pick(sp, want, avoid) for _, want, avoid in COLUMNS]

@@ -80,19 +80,12 @@ def _state_survives_device_skip(optimizer) -> bool:
     A fused optimizer creates a parameter's state in the first step that sees its gradient,
     and SGD(fused=True, momentum != 0) creates momentum buffers uninitialised (empty_like):
     a skipped step would leave garbage that the next step reads (torch.amp.GradScaler has
-    the same hole). So every parameter with a gradient must already have its state (for SGD:
-    its momentum buffer, none without momentum); until then, the caller syncs instead."""
+    the same hole). So every parameter with a gradient must already have its state; until
+    then, the caller syncs instead. SGD keeps no state without momentum, and needs none."""
     sgd = isinstance(optimizer, torch.optim.SGD)
-    for group in optimizer.param_groups:
-        if sgd and group.get("momentum", 0) == 0:
-            continue
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = optimizer.state.get(p, {})
-            if ("momentum_buffer" not in state) if sgd else not state:
-                return False
-    return True
+    return all(optimizer.state.get(p) or p.grad is None
+               for group in optimizer.param_groups if not (sgd and group.get("momentum", 0) == 0)
+               for p in group["params"])
 
 
 class GradAccumulator:

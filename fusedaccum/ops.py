@@ -232,7 +232,6 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     grads = [p.grad for p in params if p.grad is not None]
     buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
     dtypes = {g.dtype for g in grads}
-    result_dtype = functools.reduce(torch.promote_types, dtypes) if grads else None
     if buffers is None or torch.float16 in dtypes:
         # fp16 (alone or beside wider grads): torch takes the fp16 grads' norm as an fp16
         # number (inf above 65504) and its clip follows that; the fused fp32 norm would not.
@@ -241,7 +240,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS,
                                 skip_if_nonfinite=bool(error_if_nonfinite))
-    total_norm = stats[0].to(result_dtype)
+    total_norm = stats[0].to(functools.reduce(torch.promote_types, dtypes))
     if error_if_nonfinite and not torch.isfinite(total_norm):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "

@@ -3,8 +3,13 @@
 The CUDA-only branches (do_bench, the GPU targets) are exercised with stand-ins, so a typo
 there shows up here and not first on a GPU machine."""
 
+import importlib.util
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,17 +197,44 @@ def test_window_rows_take_the_sync_free_path(monkeypatch):
     assert acc.step(opt) is not None
 
 
-def test_readme_table_has_a_line_per_fusedaccum_row():
-    import importlib.util
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("readme_table", root / "bench" / "readme_table.py")
+
+def _bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for path in sorted((root / "bench" / "results").glob("*.json")):
+    return module
+
+
+def test_readme_table_has_a_line_per_fusedaccum_row():
+    readme_table = _bench_script("readme_table")
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         results = json.loads(path.read_text())
-        lines = module.table(results).splitlines()
+        lines = readme_table.table(results).splitlines()
         ours = [r for r in results["rows"] if r.get("ours") and r.get("median_s") is not None]
         assert len(lines) == 2 + len(ours) and ours
         assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_readme_shows_the_table_of_the_result_it_names():
+    readme = (ROOT / "README.md").read_text()
+    named = re.search(r"`python bench/readme_table.py\s+(bench/results/\S+\.json)` prints it", readme)
+    assert named, "the README names the JSON its CPU table comes from"
+    table = _bench_script("readme_table").table(json.loads((ROOT / named.group(1)).read_text()))
+    assert table in readme
+
+
+def test_norm_accuracy_script(capsys):
+    assert _bench_script("norm_accuracy").main([1000, 4099]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1,000", "4,099"]
+    assert all(float(r[4]) < 1e-6 for r in rows)  # the row fold against float64
+
+
+def test_overlap_gloo_script():
+    # A subprocess: its workers are spawned, and must import the script by its file name.
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "overlap_gloo.py"), "32"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "window, DDP" in run.stdout and "window, GradAccumulator" in run.stdout
