@@ -38,45 +38,52 @@ def _median_s(fn) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, store_path: str, width: int) -> None:
+def _measure(rank: int, width: int) -> dict:
     import fusedaccum
 
+    x = torch.randn(BATCH, width, generator=torch.Generator().manual_seed(rank))
+    model = _model(width)
+    numel = sum(p.numel() for p in model.parameters())
+    grad = torch.ones(numel)
+    times = {"numel": numel, "reduce": _median_s(lambda: dist.all_reduce(grad)),
+             "backward": _median_s(lambda: model(x).square().mean().backward())}
+
+    ddp = nn.parallel.DistributedDataParallel(_model(width))
+    acc_ddp = fusedaccum.GradAccumulator(ddp, K)
+    opt_ddp = torch.optim.SGD(ddp.parameters(), lr=1e-6)
+    plain = _model(width)
+    acc_plain = fusedaccum.GradAccumulator(plain.parameters(), K)  # reduces at step()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-6)
+
+    def window(acc, net, opt):
+        for _ in range(K):
+            with acc.accumulate(net):
+                acc.backward(net(x).square().mean())
+        assert acc.step(opt) is not None
+
+    times["ddp"] = _median_s(lambda: window(acc_ddp, ddp, opt_ddp))
+    times["plain"] = _median_s(lambda: window(acc_plain, plain, opt_plain))
+    return times
+
+
+def _worker(rank: int, world: int, store_path: str, width: int) -> None:
     torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        x = torch.randn(BATCH, width, generator=torch.Generator().manual_seed(rank))
-        model = _model(width)
-        numel = sum(p.numel() for p in model.parameters())
-        grad = torch.ones(numel)
-        t_reduce = _median_s(lambda: dist.all_reduce(grad))
-        t_backward = _median_s(lambda: model(x).square().mean().backward())
-
-        ddp = nn.parallel.DistributedDataParallel(_model(width))
-        acc_ddp = fusedaccum.GradAccumulator(ddp, K)
-        opt_ddp = torch.optim.SGD(ddp.parameters(), lr=1e-6)
-
-        plain = _model(width)
-        acc_plain = fusedaccum.GradAccumulator(plain.parameters(), K)  # reduces at step()
-        opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-6)
-
-        def window(acc, net, opt):
-            for _ in range(K):
-                with acc.accumulate(net):
-                    acc.backward(net(x).square().mean())
-            assert acc.step(opt) is not None
-
-        t_ddp = _median_s(lambda: window(acc_ddp, ddp, opt_ddp))
-        t_plain = _median_s(lambda: window(acc_plain, plain, opt_plain))
-        if rank == 0:
-            print(f"torch {torch.__version__}, gloo, {world} processes x 1 thread; "
-                  f"{numel / 1e6:.1f}M fp32 parameters, micro-batch {BATCH}, K={K}, median of {REPEATS}")
-            print(f"all-reduce of the gradient ({numel * 4 / 2**20:.0f} MiB)  {t_reduce * 1e3:7.1f} ms")
-            print(f"forward+backward of a micro-batch      {t_backward * 1e3:7.1f} ms")
-            print(f"window, DDP (overlapped all-reduce)    {t_ddp * 1e3:7.1f} ms")
-            print(f"window, GradAccumulator (reduce at step) {t_plain * 1e3:5.1f} ms")
+        # DDP and its reducer are gone when _measure returns: torn down after the group, gloo
+        # can abort the process.
+        t = _measure(rank, width)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    if rank == 0:
+        numel = t["numel"]
+        print(f"torch {torch.__version__}, gloo, {world} processes x 1 thread; "
+              f"{numel / 1e6:.1f}M fp32 parameters, micro-batch {BATCH}, K={K}, median of {REPEATS}")
+        print(f"all-reduce of the gradient ({numel * 4 / 2**20:.0f} MiB)  {t['reduce'] * 1e3:7.1f} ms")
+        print(f"forward+backward of a micro-batch      {t['backward'] * 1e3:7.1f} ms")
+        print(f"window, DDP (overlapped all-reduce)    {t['ddp'] * 1e3:7.1f} ms")
+        print(f"window, GradAccumulator (reduce at step) {t['plain'] * 1e3:5.1f} ms")
 
 
 def main(width: int = WIDTH) -> int:
