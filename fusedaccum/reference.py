@@ -54,8 +54,19 @@ def accumulate_(
     *,
     zero_grad: bool,
     overwrite: bool,
+    sq_out: "torch.Tensor | None" = None,
+    sq_weight: "float | torch.Tensor" = 1.0,
 ) -> torch.Tensor:
     g = grad.view(-1)
+    if sq_out is not None:
+        # Σ grad² before grad is zeroed: fp32 rows folded in fp64, like the norm; the whole
+        # sum goes into slot 0 (the kernels spread it over one slot per program).
+        parts = _partial_norms(g, 2.0)
+        sq = (torch.cat(parts).double().square().sum() if parts else torch.zeros((), dtype=torch.float64,
+                                                                                  device=g.device)).float()
+        if overwrite:
+            sq_out.zero_()
+        sq_out[0] += sq * sq_weight
     if overwrite:
         # copy_ then mul_, not torch.mul(g, s, out=acc): that would round the product to
         # grad's (possibly bf16) dtype before it lands in fp32.
@@ -72,6 +83,11 @@ def accumulate_(
     if zero_grad:
         grad.zero_()
     return acc
+
+
+def sq_slots(n: int) -> int:
+    """How many ``sq_out`` slots ``accumulate_`` fills for a bucket of ``n`` elements."""
+    return 1
 
 
 def unscale_clip_(

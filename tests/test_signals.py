@@ -127,3 +127,64 @@ def test_settings_argument():
         NoiseScaleSettings(beta=1.0)
     with pytest.raises(TypeError, match="noise_scale"):
         settings_from("yes")
+
+
+# ---------------------------------------------------------------- Σ grad² in the accumulate pass
+
+from helpers import GRAD_DTYPES, SIZES as BOUNDARY_SIZES, randn  # noqa: E402
+
+import fusedaccum  # noqa: E402
+from fusedaccum import ops  # noqa: E402
+
+
+@pytest.mark.parametrize("n", BOUNDARY_SIZES)
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+def test_accumulate_pass_sums_grad_squares(backend, device, dtype, n):
+    """Two micro-batches through the pass: the slots' sum is w1·Σg1² (overwrite), then
+    + w2·Σg2² (the second weight a device tensor); acc and the zeroed grad as without."""
+    acc = torch.full((n,), 7.0, device=device)
+    sq = torch.full((ops.sq_slots(acc),), 5.0, device=device)  # garbage: overwrite must reset it
+    g1, g2 = randn(n, dtype, device, seed=1), randn(n, dtype, device, seed=2, scale=3.0)
+    e1, e2 = g1.double().pow(2).sum(), g2.double().pow(2).sum()
+    fusedaccum.accumulate_(acc, g1.clone(), 2.0, overwrite=True, sq_out=sq, sq_weight=0.25)
+    assert float(sq.double().sum()) == pytest.approx(0.25 * float(e1), rel=1e-5, abs=1e-30)
+    grad = g2.clone()
+    fusedaccum.accumulate_(acc, grad, 1.0, zero_grad=True, sq_out=sq,
+                           sq_weight=torch.tensor(0.5, device=device))
+    assert float(sq.double().sum()) == pytest.approx(0.25 * float(e1) + 0.5 * float(e2), rel=1e-5, abs=1e-30)
+    torch.testing.assert_close(acc.double(), 2.0 * g1.double() + g2.double(), rtol=2e-6, atol=1e-6)
+    assert not grad.any()
+
+
+def test_kernel_partials_with_fewer_slots_than_tiles():
+    """A program walking several tiles sums them all into its slot; slots past the grid are
+    zeroed by an overwrite (an sq_out larger than needed)."""
+    pytest.importorskip("triton")
+    from conftest import _triton_usable
+    if _triton_usable("cpu"):
+        pytest.skip(_triton_usable("cpu"))
+    from fusedaccum.kernels.accumulate import BLOCK, accumulate_
+    n = 3 * BLOCK + 5
+    g = randn(n, torch.float32, "cpu", seed=3)
+    acc = torch.zeros(n)
+    sq = torch.full((2,), 9.0)
+    accumulate_(acc, g, 1.0, zero_grad=False, overwrite=True, sq_out=sq, sq_weight=1.0)  # 2 programs, 2 tiles each
+    torch.testing.assert_close(sq.double(), torch.stack([g[:BLOCK].double().pow(2).sum() + g[2 * BLOCK:3 * BLOCK].double().pow(2).sum(),
+                                                        g[BLOCK:2 * BLOCK].double().pow(2).sum() + g[3 * BLOCK:].double().pow(2).sum()]),
+                               rtol=1e-5, atol=0)
+    big = torch.full((16,), 9.0)
+    acc10 = torch.zeros(10)
+    accumulate_(acc10, g[:10], 1.0, zero_grad=False, overwrite=True, sq_out=big, sq_weight=2.0)
+    assert float(big[0]) == pytest.approx(2 * float(g[:10].double().pow(2).sum()), rel=1e-6) and not big[1:].any()
+
+
+def test_accumulate_rejects_bad_sq_out_and_changes_nothing():
+    acc, grad = torch.zeros(4), torch.ones(4)
+    for bad, err in ((torch.zeros(2, dtype=torch.float64), TypeError), (torch.zeros(0), ValueError),
+                     (acc[:2], ValueError)):
+        with pytest.raises(err, match="sq_out"):
+            fusedaccum.accumulate_(acc, grad, sq_out=bad)
+        assert not acc.any() and grad.eq(1).all()
+    with pytest.raises(ValueError, match="sq_weight"):
+        fusedaccum.accumulate_(acc, grad, sq_out=torch.zeros(1), sq_weight=torch.ones(2))
+    assert not acc.any()
