@@ -45,8 +45,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import distributed as _dist
+from . import signals as _signals
 from .buckets import GradBuckets
-from .ops import CLIP_EPS, _norm_order, _unscale_clip_stats, accumulate_
+from .ops import CLIP_EPS, _norm_order, _sum_squares, _unscale_clip_stats, accumulate_, sq_slots
 from .scaler import LossScaler
 
 __all__ = ["GradAccumulator", "StepResult"]
@@ -66,12 +67,22 @@ class StepResult:
     num_items: the window's total items (int, float or 0-d device tensor), or None when the
         window was normalized by ``micro_batches``. Data parallel: the total over all ranks
         (0-d fp64 device tensor), the number the gradient was divided by.
+    loss: 0-d fp64 device tensor, the window's loss: the mean of the micro-batch losses, or
+        with ``num_items`` their sum over the window's items (the large-batch per-item mean);
+        over all ranks when data parallel. Detached; reading it is the caller's sync.
+    noise_scale: a ``fusedaccum.NoiseScale`` (0-d device tensors ``trace_cov``, ``grad_sq``,
+        ``b_simple``, ...) after this window, or None when ``noise_scale`` is off.
+    accumulation_steps_change: the ``StepsChange`` the adaptive policy made after this
+        window (the next windows hold ``.new`` micro-batches), or None.
     """
 
     total_norm: torch.Tensor
     found_inf: torch.Tensor
     micro_batches: int
     num_items: "int | float | torch.Tensor | None"
+    loss: "torch.Tensor | None" = None
+    noise_scale: "_signals.NoiseScale | None" = None
+    accumulation_steps_change: "_signals.StepsChange | None" = None
 
 
 def _state_survives_device_skip(optimizer) -> bool:
@@ -161,16 +172,18 @@ class GradAccumulator:
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
-                 accum_dtype: torch.dtype = torch.float32, process_group=None):
+                 accum_dtype: torch.dtype = torch.float32, process_group=None, noise_scale=False):
         # Validate everything before the buckets re-point any param.grad.
-        if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
-                or accumulation_steps < 1):
-            raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+        _check_steps(accumulation_steps)
+        noise_settings = _signals.settings_from(noise_scale)
         if max_norm is not None:
             if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
                 raise ValueError(f"max_norm must be a number >= 0 or None, got {max_norm!r}")
             max_norm = float(max_norm)
         norm_type = _norm_order(norm_type)
+        if noise_settings is not None and norm_type != 2.0:
+            raise ValueError(f"noise_scale needs the window's 2-norm, but norm_type={norm_type}: use norm_type=2 "
+                             "(the default) with noise_scale")
         if scaler is not None and not isinstance(scaler, LossScaler):
             raise TypeError(f"scaler must be a fusedaccum.LossScaler or None, got {type(scaler).__name__} "
                             "(a torch.amp.GradScaler's state_dict() loads into a LossScaler)")
@@ -190,7 +203,7 @@ class GradAccumulator:
                             process_group)
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
-        self.accumulation_steps = int(accumulation_steps)
+        self._k = int(accumulation_steps)
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.scaler = scaler
@@ -214,6 +227,8 @@ class GradAccumulator:
         if module is not None and _dist.is_ddp(module):
             self._ddp_checked.add(module)
             self._ddp_comm = _dist.ddp_comm(module)
+        self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
+        self._ddp_synced = False  # the current micro-batch runs outside DDP's no_sync()
         self._reset_window()
 
     # ------------------------------------------------------------------ window state
@@ -223,12 +238,40 @@ class GradAccumulator:
         self._items_host = 0  # Python-number part of the window's items
         self._items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
         self._unsynced = False  # last backward ran under DDP no_sync
-        self._processed = None  # (stats, items) once step() closed the window and the optimizer has not run
+        self._processed = None  # (stats, items, signals) once step() closed the window and the optimizer has not run
+        self._signals.reset()
 
     @property
     def micro_batches(self) -> int:
         """Micro-batches accumulated in the current window."""
         return self._micro
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step. Settable between windows (the normalization is
+        per window, so it stays exact); refused mid-window. Data parallel: set it alike on
+        every rank."""
+        return self._k
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, k: int) -> None:
+        _check_steps(k)
+        if self._micro or self._processed is not None:
+            raise RuntimeError(f"accumulation_steps can only change between windows: this window already holds "
+                               f"{self._micro} micro-batches; set it after step() closes the window")
+        self._k = int(k)
+
+    @property
+    def noise_scale(self) -> "dict | None":
+        """The last window's noise statistics as Python floats (``NoiseScale.to_host()``:
+        one host sync, on request only), or None when off or before the first window."""
+        last = self._signals.last
+        return None if last is None else last.to_host()
+
+    @property
+    def accumulation_steps_changes(self) -> list:
+        """Every change the adaptive policy made (``StepsChange``), in order."""
+        return [] if self._signals.tracker is None else list(self._signals.tracker.changes)
 
     @property
     def params(self) -> list:
@@ -334,7 +377,11 @@ class GradAccumulator:
         if sync is None:
             sync = last
         if sync or not callable(no_sync) or self._lowp:
-            yield
+            self._ddp_synced = self._ddp_comm is not None
+            try:
+                yield
+            finally:
+                self._ddp_synced = False
             self._unsynced = False
             return
         with no_sync():
@@ -392,16 +439,27 @@ class GradAccumulator:
         self.buckets.attach()
         scaled = self.scaler.scale(loss) if self._scale_active() else loss
         scaled.reshape(()).backward()
-        for b in self._lowp:
+        # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
+        weight = self._signals.weight(first, self._samples_first, host_items, dev_items, num_items is not None)
+        for i, b in enumerate(self._lowp):
             # One pass: accum (+)= landing, landing = 0 for the next backward. On the first
             # micro-batch accum is overwritten, not read: that is the window's reset.
-            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first)
+            sq = {} if weight is None else dict(sq_out=self._signals.sq[i], sq_weight=weight)
+            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first, **sq)
+        self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._micro += 1
         self._items_given = num_items is not None
         self._items_host += host_items
         if dev_items is not None:
             self._items_dev = dev_items if self._items_dev is None else self._items_dev + dev_items
+
+    def _samples_first(self) -> bool:
+        """Whether the fp32 buckets after this window's first backward hold a small batch
+        (not the window itself: K > 1 or data parallel; not already averaged by DDP)."""
+        if self._ddp_synced:
+            return False
+        return self._k > 1 or self._ddp_comm is not None or _dist.resolve(self._process_group).communicates
 
     @torch.no_grad()
     def _start_window(self) -> None:
@@ -425,20 +483,21 @@ class GradAccumulator:
         return self._comm
 
     def _normalizer(self, comm: "_dist.Comm", force: bool):
-        """The window's normalizer, global over the ranks: (host number or 0-d fp64 device
-        tensor, work handles to wait on). Launches the count's all-reduce when it can differ
-        between ranks (num_items, or a forced partial window); no host sync."""
+        """The window's normalizer and signals, global over the ranks: (count: host number or
+        0-d fp64 device tensor, sums: the fp64 ``WindowSignals.local_sums``, micro-batches,
+        work handles to wait on). Data parallel: one all-reduce of one fp64 vector
+        ``[count, sums..., micro-batches]`` carries them all (the count alone would be
+        needed with num_items or a forced window anyway); no host sync."""
         host = self._items_host if self._items_given else self._micro
         dev = self._items_dev if self._items_given else None
+        sums = self._signals.local_sums(self.device)
         if not comm.communicates:
-            return (host if dev is None else dev + host), []
-        if not (self._items_given or force):
-            # Every rank closes a full window of accumulation_steps micro-batch means.
-            return host * comm.world_size, []
+            return (host if dev is None else dev + host), sums, self._micro, []
         count = torch.full((1,), host, dtype=torch.float64, device=self.device)
         if dev is not None:
             count += dev
-        return count.reshape(()), _dist.all_reduce_async([count], comm.group)
+        packed = torch.cat([count, sums, torch.full((1,), self._micro, dtype=torch.float64, device=self.device)])
+        return packed[0], packed[1:-1], packed[-1], _dist.all_reduce_async([packed], comm.group)
 
     def _inv_scale(self, denom):
         """1 / (loss_scale * denom): a float, or a 0-d fp32 device tensor (no sync)."""
@@ -496,16 +555,24 @@ class GradAccumulator:
             self._processed = self._close_window(force)
         else:
             self._check_optimizer(optimizer)
-        stats, items = self._processed
+        stats, items, signals = self._processed
         total_norm, found_inf = stats[0], stats[1]
         # If the optimizer raises, the window stays closed and processed: a retry steps with
         # the same gradient instead of normalizing and clipping it a second time.
         self._optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf)
-        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._micro, num_items=items)
+        loss, noise, items_per_micro = signals
+        micro = self._micro
         self._reset_window()
-        return result
+        change = None
+        if noise is not None:
+            # The adaptive policy: reads the host once every `every` windows (documented there).
+            change = self._signals.tracker.decide(noise, items_per_micro, self._resolve_comm().world_size, self._k)
+            if change is not None:
+                self._k = change.new
+        return StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=micro, num_items=items,
+                          loss=loss, noise_scale=noise, accumulation_steps_change=change)
 
     def _close_window(self, force: bool):
         """All-reduce (data parallel), then the fused unscale/norm/clip pass into param.grad.
@@ -529,11 +596,12 @@ class GradAccumulator:
         # Data parallel: the count (tiny, needed first) and then every bucket, all in flight at
         # once; waiting makes the fused pass below see the global sums (on CUDA/NCCL wait()
         # orders the streams, the host does not block).
-        denom, works = self._normalizer(comm, force)
+        denom, sums, micro, works = self._normalizer(comm, force)
         if reduce_here:
             works += _dist.all_reduce_async(self._accums, comm.group)
         for work in works:
             work.wait()
+        count = denom  # items (or micro-batches) over all ranks
         global_items = denom if self._items_given and comm.communicates else None
         if comm.kind == "ddp" and comm.communicates and not reduce_here:
             # DDP averaged the sums over the ranks: multiply by world_size / global count.
@@ -541,9 +609,12 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
+        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs)
-        return stats, (self._window_items() if global_items is None else global_items)
+        loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(self._items_given))
+        signals = (loss, noise, None if noise is None else count / micro)
+        return stats, (self._window_items() if global_items is None else global_items), signals
 
     def _window_items(self):
         if not self._items_given:
@@ -657,6 +728,11 @@ class GradAccumulator:
         return (f"GradAccumulator(accumulation_steps={self.accumulation_steps}, max_norm={self.max_norm}, "
                 f"norm_type={self.norm_type}, scaler={self.scaler!r}, micro_batches={self._micro}, "
                 f"{self.buckets!r})")
+
+
+def _check_steps(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {k!r}")
 
 
 _GRAD_SCALER_KWARG: dict = {}

@@ -103,6 +103,14 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     return acc
 
 
+@torch.no_grad()
+def _sum_squares(tensors) -> torch.Tensor:
+    """Σx² over flat fp32 tensors, fp64 0-d on their device; one read pass, no sync."""
+    from .reference import _partial_norms  # TODO(signals): the backends' norm partials once split
+    parts = [part for t in tensors for part in _partial_norms(t.view(-1), 2.0)]
+    return torch.cat(parts).double().square().sum()
+
+
 def sq_slots(t: torch.Tensor) -> int:
     """How many ``sq_out`` slots ``accumulate_`` fills for ``t`` (its backend's choice)."""
     return _backend.implementation(t.device).sq_slots(t.numel())

@@ -206,7 +206,9 @@ class NoiseTracker:
             return None
         self.windows_since_decision = 0
         # The documented sync, once every `every` windows.
-        b_simple, per_micro = torch.stack([stats.b_simple, items_per_micro_batch.to(stats.b_simple)]).tolist()
+        per_micro = (items_per_micro_batch.to(stats.b_simple) if isinstance(items_per_micro_batch, torch.Tensor)
+                     else torch.full_like(stats.b_simple, items_per_micro_batch))
+        b_simple, per_micro = torch.stack([stats.b_simple, per_micro]).tolist()
         new = policy.target(b_simple, per_micro, world_size)
         if new is None or new == k:
             return None
@@ -243,4 +245,98 @@ class WindowLoss:
         """Σ of the micro-batch losses, fp64 0-d on ``device`` (0 when there are none)."""
         if not self.losses:
             return torch.zeros((), dtype=torch.float64, device=device)
+        first = self.losses[0]
+        if all(t.dtype == first.dtype and t.device == device for t in self.losses):
+            return torch.stack(self.losses).sum(dtype=torch.float64)  # two launches per window
         return torch.stack([t.to(device, torch.float64) for t in self.losses]).sum()
+
+
+class WindowSignals:
+    """The window's signals as the accumulator collects them: the micro-batch losses, and
+    with the noise scale on, the small-batch squared norms (``m``'s numerator, ``h``'s).
+
+    Small batches: every micro-batch when all buckets are bf16/fp16 (Σg² of the landing
+    bucket comes out of the accumulate pass: no extra bytes); else the window's first
+    micro-batch (its fp32 bucket is read once after that backward: 4 B/element/window).
+    Squared norms are of the raw (loss-scaled) gradient times ``1 / c²``, with ``c`` the
+    micro-batch's item count (num_items: its loss is a sum) or 1 (a mean loss); the loss
+    scale is divided out at the step. Device tensors throughout; nothing reads the host.
+    """
+
+    def __init__(self, buckets, settings: "NoiseScaleSettings | None", sq_slots):
+        self.tracker = NoiseTracker(settings) if settings is not None else None
+        lowp = [b for b in buckets if b.landing is not None]
+        self.every_micro_batch = len(lowp) == len(buckets)
+        self.sq = [torch.zeros(sq_slots(b.accum), dtype=torch.float32, device=b.device) for b in lowp] \
+            if self.tracker is not None else []
+        self.fp32 = [b.accum for b in buckets if b.landing is None]
+        self.last: "NoiseScale | None" = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = WindowLoss()
+        self.inv_host = 0.0  # Σ 1/c over the small batches (host part)
+        self.n_host = 0  # their number (host part)
+        self.dev_sizes: list = []  # c of small batches counted on the device (num_items tensors)
+        self.fp32_sq: "torch.Tensor | None" = None
+        self.sampled = False  # whether the lowp slots hold this window's values
+
+    def weight(self, first: bool, sample_fp32, host_items, dev_items, given: bool):
+        """The ``sq_weight`` (1/c²) for this micro-batch's accumulate pass, or None when it
+        is not sampled (statistics off, not a sampled micro-batch, or a host count of 0).
+        ``sample_fp32()``: whether the fp32 buckets after a first backward are a small batch."""
+        if self.tracker is None or not (self.every_micro_batch or (first and sample_fp32())):
+            return None
+        if not given:
+            self.inv_host += 1.0
+            self.n_host += 1
+            return 1.0
+        if dev_items is None:
+            if host_items == 0:
+                return 0.0 if first else None  # no items: no small batch (first: clear the slots)
+            self.inv_host += 1.0 / host_items
+            self.n_host += 1
+            return 1.0 / host_items**2
+        self.dev_sizes.append(dev_items)
+        return torch.where(dev_items > 0, dev_items.reciprocal().square(), 0.0).float()
+
+    def after_backward(self, loss: torch.Tensor, first: bool, weight, sum_squares) -> None:
+        """Record the micro-batch's loss; for a sampled first micro-batch, the fp32 buckets'
+        Σg² (``sum_squares(tensors)``: one read pass, fp64 0-d)."""
+        self.loss.add(loss)
+        if weight is not None:
+            self.sampled = self.sampled or bool(self.sq)
+            if first and self.fp32:
+                self.fp32_sq = sum_squares(self.fp32) * weight
+
+    def local_sums(self, device) -> torch.Tensor:
+        """fp64 ``[Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n]`` of this rank's window."""
+        parts = [self.loss.total(device)]
+        if self.tracker is None:
+            return torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
+        sq = [s.sum(dtype=torch.float64) for s in self.sq] if self.sampled else []
+        if self.fp32_sq is not None:
+            sq.append(self.fp32_sq)
+        inv, n = self.inv_host, self.n_host
+        parts.append(torch.stack(sq).sum() if sq else torch.zeros((), dtype=torch.float64, device=device))
+        if self.dev_sizes:
+            sizes = torch.stack(self.dev_sizes)
+            ok = sizes > 0
+            inv = torch.where(ok, sizes.reciprocal(), 0.0).sum() + inv
+            n = ok.sum() + n
+        parts += [torch.full((), inv, dtype=torch.float64, device=device) if not torch.is_tensor(inv) else inv,
+                  torch.full((), n, dtype=torch.float64, device=device) if not torch.is_tensor(n) else n.double()]
+        return torch.stack(parts)
+
+    def finish(self, sums, count, total_norm, found_inf, scale, given: bool):
+        """The window's loss (fp64 0-d) and noise statistics, from the global ``sums`` (as
+        ``local_sums``), the global normalizer ``count`` (items, or micro-batches) and the
+        step's stats. ``scale``: the loss scale of the
+        window (tensor) or None."""
+        loss = sums[0] / count
+        if self.tracker is None:
+            return loss, None
+        small_sq = sums[1] if scale is None else sums[1] / scale.double().square()
+        self.last = self.tracker.update(small_sq, sums[2], sums[3], total_norm.double().square(), count,
+                                        found_inf == 0, "items" if given else "micro-batches")
+        return loss, self.last

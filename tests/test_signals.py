@@ -188,3 +188,276 @@ def test_accumulate_rejects_bad_sq_out_and_changes_nothing():
     with pytest.raises(ValueError, match="sq_weight"):
         fusedaccum.accumulate_(acc, grad, sq_out=torch.zeros(1), sq_weight=torch.ones(2))
     assert not acc.any()
+
+
+# ---------------------------------------------------------------- GradAccumulator integration
+
+import copy  # noqa: E402
+
+from torch import nn  # noqa: E402
+
+from fusedaccum import GradAccumulator, LossScaler  # noqa: E402
+
+IN, HID, OUT = 6, 12, 3
+
+
+def make_model(dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, HID), nn.Tanh(), nn.Linear(HID, OUT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.to(device=device, dtype=dtype)
+
+
+def make_data(n, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, IN, generator=g).to(device), torch.randn(n, OUT, generator=g).to(device)
+
+
+def loss_of(model, x, y, summed):
+    """Mean squared error of the rows, their mean or (summed) their sum; in the model's dtype."""
+    p = next(model.parameters())
+    per_row = (model(x.to(p.dtype)).float() - y).pow(2).mean(-1)
+    return per_row.sum() if summed else per_row.mean()
+
+
+def micro_batches(x, y, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+def reference_window(model, micro, summed, every):
+    """float64 expectations at the model's current weights: (window loss, S, G²) from the
+    micro-batch gradients in the model's dtype (what the buckets receive)."""
+    twin = copy.deepcopy(model)
+    grads, losses, sizes = [], [], []
+    for x, y in micro:
+        twin.zero_grad()
+        loss = loss_of(twin, x, y, summed)
+        loss.backward()
+        losses.append(float(loss.detach().double()))
+        grads.append(torch.cat([p.grad.double().reshape(-1) for p in twin.parameters()]))
+        sizes.append(len(x) if summed else 1)
+    big = sum(sizes)
+    window_grad = torch.stack(grads).sum(0) / big
+    small = [(grads[i] / sizes[i], sizes[i]) for i in (range(len(micro)) if every else [0])]
+    s, g2 = estimate_noise(sum(g.pow(2).sum() for g, _ in small), sum(1 / b for _, b in small), len(small),
+                           window_grad.pow(2).sum(), big)
+    return sum(losses) / big, float(s), float(g2)
+
+
+WINDOW_SIZES = [(3, 5, 2, 6), (4, 4, 4, 4), (1, 7, 3, 5)]
+
+
+@pytest.mark.parametrize("items", ["mean", "host", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_window_loss_and_noise_statistics_match_float64(backend, device, dtype, items):
+    """Three windows of 4 uneven micro-batches, with a loss scale of 2^10. The window loss
+    equals the large-batch loss (mean of micro-batch means, or the per-item mean) to 1e-6;
+    the window's S and G² estimates equal the float64 estimator on the same micro-batch
+    gradients: fp32 parameters sample the first micro-batch, bf16 every one (the kernel's
+    Σg²). Tolerance 1e-4 relative: fp32 sums of a few hundred terms, cancelling in S."""
+    torch.manual_seed(0)
+    model = make_model(dtype, device)
+    x, y = make_data(64, device)
+    acc = GradAccumulator(model.parameters(), 4, scaler=LossScaler(init_scale=2.0**10), noise_scale=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    summed = items != "mean"
+    start = 0
+    for sizes in WINDOW_SIZES:
+        micro = micro_batches(x[start:], y[start:], sizes)
+        start += sum(sizes)
+        want_loss, want_s, want_g2 = reference_window(model, micro, summed, every=dtype != torch.float32)
+        for xb, yb in micro:
+            n = None if items == "mean" else len(xb) if items == "host" else torch.tensor(len(xb), device=device)
+            acc.backward(loss_of(model, xb, yb, summed), num_items=n)
+        result = acc.step(opt)
+        assert result.loss.dtype == torch.float64 and result.loss.device == torch.device(device)
+        assert not result.loss.requires_grad
+        assert float(result.loss) == pytest.approx(want_loss, rel=0, abs=1e-6)
+        ns = result.noise_scale
+        assert ns.unit == ("items" if summed else "micro-batches")
+        assert float(ns.window_trace_cov) == pytest.approx(want_s, rel=1e-4)
+        assert float(ns.window_grad_sq) == pytest.approx(want_g2, rel=1e-4, abs=1e-4 * abs(want_s) / 16)
+    host = acc.noise_scale
+    assert host["windows"] == 3.0 and math.isfinite(host["b_simple"])
+    assert host["b_simple"] == pytest.approx(host["trace_cov"] / host["grad_sq"])
+
+
+def test_window_loss_equals_the_large_batch_loss_when_noise_scale_is_off():
+    model = make_model(torch.float32, "cpu")
+    x, y = make_data(16, "cpu")
+    acc = GradAccumulator(model.parameters(), 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = float(loss_of(copy.deepcopy(model).double(), x.double(), y.double(), False))
+    acc.backward(loss_of(model, x[:8], y[:8], False))
+    acc.backward(loss_of(model, x[8:], y[8:], False))
+    result = acc.step(opt)
+    assert float(result.loss) == pytest.approx(want, abs=1e-6) and result.noise_scale is None
+    assert acc.noise_scale is None
+
+
+def spy_host_reads(monkeypatch):
+    """Every conversion of a tensor to a host value from now on (on CUDA each is a sync)."""
+    reads = []
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_statistics_never_read_the_device(monkeypatch, dtype):
+    """With the noise scale on, a LossScaler and device item counts, the backward/step path
+    converts nothing to a host value once a fused optimizer has its state."""
+    model = make_model(dtype, "cpu")
+    x, y = make_data(24, "cpu")
+    acc = GradAccumulator(model.parameters(), 3, max_norm=0.5, scaler=LossScaler(), noise_scale=True)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    items = [torch.tensor(n) for n in (2, 3, 3)]
+    losses = [loss_of(model, x[i:i + 3], y[i:i + 3], True) for i in range(0, 24, 3)]
+    for loss, n in zip(losses[:3], items):  # warm-up: the optimizer state is created
+        acc.backward(loss, num_items=n)
+    acc.step(opt)
+    reads = spy_host_reads(monkeypatch)
+    for loss, n in zip(losses[3:6], items):
+        acc.backward(loss, num_items=n)
+    result = acc.step(opt)
+    assert reads == []
+    assert result.noise_scale is not None and result.loss is not None
+
+
+def count_backend_calls(monkeypatch):
+    """Calls into the backends (each a launch set on a GPU) and the fp32 norm read."""
+    from fusedaccum import kernels, reference
+    calls = []
+    for module in (reference, kernels):
+        for name in ("accumulate_", "unscale_clip_"):
+            original = getattr(module, name)
+
+            def spy(*args, _name=name, _original=original, **kwargs):
+                calls.append((_name, kwargs.get("sq_out") is not None))
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(module, name, spy)
+    import fusedaccum.accumulator as accumulator_module
+    original_sum = accumulator_module._sum_squares
+
+    def sum_spy(tensors):
+        calls.append(("sum_squares", True))
+        return original_sum(tensors)
+    monkeypatch.setattr(accumulator_module, "_sum_squares", sum_spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_statistics_off_cost_no_launch_and_on_cost_what_is_documented(backend, device, monkeypatch, dtype):
+    """Off: the window's backend calls are those of plain accumulation (bf16: K accumulate
+    passes, no Σg²; one unscale/clip) and nothing else. On: bf16 the same passes carry the
+    Σg² (no extra launch); fp32 one extra read of the buckets per window."""
+    calls = count_backend_calls(monkeypatch)
+    x, y = make_data(12, device)
+    for on in (False, True):
+        model = make_model(dtype, device)
+        acc = GradAccumulator(model.parameters(), 3, noise_scale=on)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        calls.clear()
+        for i in range(0, 12, 4):
+            acc.backward(loss_of(model, x[i:i + 4], y[i:i + 4], False))
+        acc.step(opt)
+        accumulates = [sq for name, sq in calls if name == "accumulate_"]
+        assert accumulates == ([on] * 3 if dtype == torch.bfloat16 else [])
+        assert [name for name, _ in calls if name != "accumulate_"] == (
+            ["sum_squares", "unscale_clip_"] if on and dtype == torch.float32 else ["unscale_clip_"])
+        acc.release()
+
+
+def test_changing_k_between_windows_trains_like_a_hand_written_loop(backend, device):
+    """K = 2, 3, 1, 4 set between windows (clipped AdamW) == a loop that sums each window's
+    micro-batch mean gradients by hand, divides by its K, clips and steps (fp32, 1e-6)."""
+    schedule = [2, 3, 1, 4]
+    x, y = make_data(4 * sum(schedule), device)
+    model, hand = make_model(torch.float32, device), make_model(torch.float32, device)
+    acc = GradAccumulator(model.parameters(), schedule[0], max_norm=0.3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    hand_opt = torch.optim.AdamW(hand.parameters(), lr=0.05)
+    start = 0
+    for k in schedule:
+        acc.accumulation_steps = k
+        hand_opt.zero_grad()
+        for j in range(k):
+            xb, yb = x[start + 4 * j:start + 4 * j + 4], y[start + 4 * j:start + 4 * j + 4]
+            acc.backward(loss_of(model, xb, yb, False))
+            (loss_of(hand, xb, yb, False) / k).backward()
+        start += 4 * k
+        result = acc.step(opt)
+        assert result is not None and result.micro_batches == k
+        torch.nn.utils.clip_grad_norm_(hand.parameters(), 0.3)
+        hand_opt.step()
+    for p, q in zip(model.parameters(), hand.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_accumulation_steps_is_validated_and_refused_mid_window():
+    model = make_model(torch.float32, "cpu")
+    x, y = make_data(4, "cpu")
+    acc = GradAccumulator(model.parameters(), 2)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="accumulation_steps"):
+            acc.accumulation_steps = bad
+    assert acc.accumulation_steps == 2
+    acc.backward(loss_of(model, x, y, False))
+    with pytest.raises(RuntimeError, match="between windows"):
+        acc.accumulation_steps = 3
+    assert acc.accumulation_steps == 2 and acc.micro_batches == 1
+    acc.backward(loss_of(model, x, y, False))
+    assert acc.step(torch.optim.SGD(model.parameters(), lr=0.1)) is not None
+    acc.accumulation_steps = 3
+    assert acc.accumulation_steps == 3
+
+
+def test_noise_scale_needs_the_2_norm_and_a_valid_setting():
+    model = make_model(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="norm_type"):
+        GradAccumulator(model.parameters(), 2, norm_type=1.0, noise_scale=True)
+    with pytest.raises(TypeError, match="noise_scale"):
+        GradAccumulator(model.parameters(), 2, noise_scale=0.9)
+    assert all(p.grad is None for p in model.parameters())  # nothing was attached
+
+
+def test_adaptive_k_follows_b_simple_and_reads_the_host_only_when_deciding(monkeypatch):
+    """bf16 parameters, 2 items per micro-batch: after `every` = 3 windows K becomes
+    round(b_simple / 2) clamped to [2, 12], reported in the result, the accumulator and the
+    callback; the windows in between read nothing on the host."""
+    model = make_model(torch.bfloat16, "cpu")
+    x, y = make_data(400, "cpu", seed=5)
+    seen = []
+    settings = NoiseScaleSettings(beta=0.5, adaptive=AdaptiveSteps(min_steps=2, max_steps=12, every=3,
+                                                                   on_change=seen.append))
+    acc = GradAccumulator(model.parameters(), 4, noise_scale=settings)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, fused=True)  # no state: skips on the device
+    reads = spy_host_reads(monkeypatch)
+    start, results, read_log = 0, [], []
+    for window in range(6):
+        k = acc.accumulation_steps
+        for _ in range(k):
+            acc.backward(loss_of(model, x[start:start + 2], y[start:start + 2], True), num_items=2)
+            start += 2
+        reads.clear()
+        results.append(acc.step(opt))
+        read_log.append(list(reads))
+    assert read_log == [[], [], ["tolist"], [], [], ["tolist"]]  # the decisions' one read each
+    first = results[2].accumulation_steps_change
+    b_simple = float(results[2].noise_scale.b_simple)
+    assert first is not None and first.old == 4 and first.b_simple == pytest.approx(b_simple)
+    assert first.new == min(12, max(2, round(b_simple / 2)))
+    assert acc.accumulation_steps_changes == seen == [r.accumulation_steps_change for r in results
+                                                      if r.accumulation_steps_change is not None]
+    assert results[3].micro_batches == first.new
