@@ -664,6 +664,7 @@ class GradAccumulator:
             # between windows the buckets are reset before the next window accumulates.
             "buckets": [b.accum.clone() for b in self.buckets] if mid_window else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "signals": self._signals.state_dict(mid_window, self.device),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -684,9 +685,18 @@ class GradAccumulator:
             raise ValueError(f"the state dict's buckets {saved_layout} do not match this GradAccumulator's "
                              f"{layout} (different parameters?)")
         micro = state_dict["micro_batches"]
+        # accumulation_steps is state (settable, adaptive): restored, like the window.
+        k = state_dict.get("accumulation_steps", self._k)
+        _check_steps(k)
         if (isinstance(micro, bool) or not isinstance(micro, numbers.Integral)
-                or not 0 <= micro <= self.accumulation_steps):
-            raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{self.accumulation_steps}")
+                or not 0 <= micro <= k):
+            raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{k}")
+        signals = state_dict.get("signals")
+        if signals is not None and (not isinstance(signals, dict) or set(signals) != {"sums", "noise"}
+                                    or (signals["sums"] is not None and (not isinstance(signals["sums"], torch.Tensor)
+                                                                         or signals["sums"].numel() != 4))):
+            raise ValueError("the state dict's signals must be a dict with a 4-element 'sums' tensor (or None) "
+                             "and 'noise'")
         buckets = state_dict["buckets"]
         if micro > 0:
             if buckets is None or len(buckets) != len(layout):
@@ -714,6 +724,9 @@ class GradAccumulator:
                     b.accum.copy_(t)
                     if b.landing is not None:
                         b.landing.zero_()
+        if signals is not None:
+            self._signals.load_state_dict(signals, self.device)
+        self._k = int(k)
         self._micro = int(micro)
         self._items_given = state_dict["items_given"] if micro > 0 else None
         self._items_host = state_dict["items_host"]

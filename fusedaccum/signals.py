@@ -280,6 +280,7 @@ class WindowSignals:
         self.dev_sizes: list = []  # c of small batches counted on the device (num_items tensors)
         self.fp32_sq: "torch.Tensor | None" = None
         self.sampled = False  # whether the lowp slots hold this window's values
+        self.carried: "torch.Tensor | None" = None  # local_sums of a window resumed from a checkpoint
 
     def weight(self, first: bool, sample_fp32, host_items, dev_items, given: bool):
         """The ``sq_weight`` (1/c²) for this micro-batch's accumulate pass, or None when it
@@ -326,7 +327,25 @@ class WindowSignals:
             n = ok.sum() + n
         parts += [torch.full((), inv, dtype=torch.float64, device=device) if not torch.is_tensor(inv) else inv,
                   torch.full((), n, dtype=torch.float64, device=device) if not torch.is_tensor(n) else n.double()]
-        return torch.stack(parts)
+        sums = torch.stack(parts)
+        return sums if self.carried is None else sums + self.carried
+
+    def state_dict(self, mid_window: bool, device) -> dict:
+        """The partial window's sums (as ``local_sums``) and the smoothing state."""
+        return {"sums": self.local_sums(device).clone() if mid_window else None,
+                "noise": None if self.tracker is None else self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        """Checked by the caller to be a dict with these keys; a window in progress resumes
+        with its sums carried and the small-batch slots cleared."""
+        self.reset()
+        if state["sums"] is not None:
+            self.carried = state["sums"].to(device, torch.float64).clone()
+            for sq in self.sq:
+                sq.zero_()
+            self.sampled = bool(self.sq)
+        if self.tracker is not None and state["noise"] is not None:
+            self.tracker.load_state_dict(state["noise"], device)
 
     def finish(self, sums, count, total_norm, found_inf, scale, given: bool):
         """The window's loss (fp64 0-d) and noise statistics, from the global ``sums`` (as

@@ -461,3 +461,35 @@ def test_adaptive_k_follows_b_simple_and_reads_the_host_only_when_deciding(monke
     assert acc.accumulation_steps_changes == seen == [r.accumulation_steps_change for r in results
                                                       if r.accumulation_steps_change is not None]
     assert results[3].micro_batches == first.new
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_resume_mid_window_keeps_the_signals(dtype):
+    """A checkpoint after 2 of 3 micro-batches (the second window) resumed into a fresh
+    accumulator: the same loss, noise statistics and K as the uninterrupted run."""
+    x, y = make_data(24, "cpu")
+    settings = NoiseScaleSettings(beta=0.5)
+
+    def run(split):
+        model = make_model(dtype, "cpu")
+        acc = GradAccumulator(model.parameters(), 2, noise_scale=settings)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i in range(0, 8, 4):
+            acc.backward(loss_of(model, x[i:i + 4], y[i:i + 4], True), num_items=4)
+        acc.step(opt)
+        acc.accumulation_steps = 3
+        for i in range(8, 16, 4):
+            acc.backward(loss_of(model, x[i:i + 4], y[i:i + 4], True), num_items=4)
+        if split:
+            state = acc.state_dict()
+            acc.release()
+            acc = GradAccumulator(model.parameters(), 2, noise_scale=settings)
+            acc.load_state_dict(state)
+            assert acc.accumulation_steps == 3 and acc.micro_batches == 2
+        acc.backward(loss_of(model, x[16:20], y[16:20], True), num_items=4)
+        return acc.step(opt)
+
+    a, b = run(False), run(True)
+    for name in ("trace_cov", "grad_sq", "window_trace_cov", "windows"):
+        torch.testing.assert_close(getattr(a.noise_scale, name), getattr(b.noise_scale, name), rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
