@@ -293,7 +293,7 @@ def test_window_loss_equals_the_large_batch_loss_when_noise_scale_is_off():
     x, y = make_data(16, "cpu")
     acc = GradAccumulator(model.parameters(), 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    want = float(loss_of(copy.deepcopy(model).double(), x.double(), y.double(), False))
+    want = float(loss_of(copy.deepcopy(model).double(), x.double(), y.double(), False).detach())
     acc.backward(loss_of(model, x[:8], y[:8], False))
     acc.backward(loss_of(model, x[8:], y[8:], False))
     result = acc.step(opt)
@@ -493,3 +493,20 @@ def test_resume_mid_window_keeps_the_signals(dtype):
     for name in ("trace_cov", "grad_sq", "window_trace_cov", "windows"):
         torch.testing.assert_close(getattr(a.noise_scale, name), getattr(b.noise_scale, name), rtol=1e-12, atol=0)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=0)
+
+
+def test_demo_shows_the_window_loss_noise_scale_and_adaptive_k(tmp_path):
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install 'fusedaccum[demo]')")
+    pytest.importorskip("matplotlib", reason="the demo needs matplotlib (pip install 'fusedaccum[demo]')")
+    import io
+
+    from fusedaccum import demo
+    stream = io.StringIO()
+    rows = demo.run(epochs=2, out=str(tmp_path / "d.png"), stream=stream)
+    text = stream.getvalue()
+    assert "K from the noise scale" in text and "adaptive K" in text and "b_simple" in text
+    fixed, adaptive = rows[1], rows[3]
+    assert fixed["method"] == "GradAccumulator" and adaptive["method"] == "adaptive K"
+    for row in (fixed, adaptive):
+        assert row["reach"]["target"] >= row["loss"] - 1e-12 and 0 < row["reach"]["steps"] <= row["steps"]
+    assert adaptive["reach"]["images"] <= 2 * 1500
