@@ -510,3 +510,8 @@ def test_demo_shows_the_window_loss_noise_scale_and_adaptive_k(tmp_path):
     for row in (fixed, adaptive):
         assert row["reach"]["target"] >= row["loss"] - 1e-12 and 0 < row["reach"]["steps"] <= row["steps"]
     assert adaptive["reach"]["images"] <= 2 * 1500
+
+
+def test_exports():
+    for name in ("AdaptiveSteps", "NoiseScale", "NoiseScaleSettings", "StepsChange"):
+        assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == "fusedaccum.signals"
