@@ -304,43 +304,20 @@ def _total_norm(grads: list) -> torch.Tensor:
 
 
 def norm_pass(bucket: torch.Tensor, inv: torch.Tensor):
-    """The read pass of ``unscale_clip_`` alone, on the backend the bucket's device gets:
-    per-program partial norms and non-finite codes (Triton), or the reference's per-row
-    partial norms (torch); no finalize, no apply. Returns ``(run, total_norm)``:
-    ``total_norm()`` folds what the last ``run()`` left into the 2-norm of the bucket, for
-    the tests (not timed; inv is left out of it: the bench passes inv = 1).
-
-    This reaches into the implementations (it is the only way to time one pass alone), so it
-    mirrors the launch in ``fusedaccum.kernels.unscale_clip.unscale_clip_`` line for line."""
-    if _backend.name_for(bucket.device) == "triton":
-        from fusedaccum.kernels import unscale_clip as uc
-        from fusedaccum.kernels._launch import BLOCK, NUM_WARPS, grid_for
-
-        programs, tiles = grid_for(bucket.numel())
-        partials = torch.empty(2 * programs, dtype=torch.float32, device=bucket.device)
-
-        def run():
-            # Grid: one program per tile up to MAX_PROGRAMS; program k writes slot k.
-            uc.norm_partials_kernel[(programs,)](
-                bucket, inv, 0.0, partials, 0, programs, bucket.numel(), tiles, 2.0,
-                INV_FROM_PTR=True, NORM_KIND=uc.NORM_L2, BLOCK=BLOCK, num_warps=NUM_WARPS)
-            return partials
-
-        def total_norm():
-            return partials[:programs].double().sum().sqrt()
-        return run, total_norm
-
-    from fusedaccum import reference
-
+    """The read pass of ``unscale_clip_`` alone (its first phase, ``norm_partials``), on the
+    backend the bucket's device gets: partial norms and non-finite codes, no finalize, no
+    apply. Returns ``(run, total_norm)``: ``total_norm()`` folds what the last ``run()``
+    left into the 2-norm of the bucket, for the tests (not timed)."""
+    impl = _backend.implementation(bucket.device)
     last = []
 
-    def run_ref():
-        last[:] = reference._partial_norms(bucket, 2.0)
-        return last
+    def run():
+        last[:] = [impl.norm_partials([bucket], inv, 2.0)]
+        return last[0]
 
-    def total_norm_ref():
-        return torch.cat(last).double().pow(2).sum().sqrt()
-    return run_ref, total_norm_ref
+    def total_norm():
+        return impl.finalize(last[0], inv, None, 2.0, 0.0)[0].double()
+    return run, total_norm
 
 
 class _InjectGrads(torch.autograd.Function):
