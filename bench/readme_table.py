@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from fusedaccum.benchmark import _fmt_n, _fmt_t
+from fusedaccum.bench.report import _fmt_n, _fmt_t
 
 # README column -> the baseline (speed-up key) it shows, first match wins.
 COLUMNS = [
