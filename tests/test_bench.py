@@ -209,22 +209,24 @@ def _bench_script(name: str):
     return module
 
 
-def test_readme_table_has_a_line_per_fusedaccum_row():
-    readme_table = _bench_script("readme_table")
+def test_docs_table_has_a_line_per_fusedaccum_row():
+    docs_table = _bench_script("docs_table")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         results = json.loads(path.read_text())
-        lines = readme_table.table(results).splitlines()
+        lines = docs_table.table(results).splitlines()
         ours = [r for r in results["rows"] if r.get("ours") and r.get("median_s") is not None]
         assert len(lines) == 2 + len(ours) and ours
         assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
-def test_readme_shows_the_table_of_the_result_it_names():
-    readme = (ROOT / "README.md").read_text()
-    named = re.search(r"`python bench/readme_table.py\s+(bench/results/\S+\.json)` prints it", readme)
-    assert named, "the README names the JSON its CPU table comes from"
-    table = _bench_script("readme_table").table(json.loads((ROOT / named.group(1)).read_text()))
-    assert table in readme
+def test_benchmarks_doc_shows_the_tables_of_the_results_it_names():
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    named = re.findall(r"`python bench/docs_table.py\s+(bench/results/\S+\.json)` prints it", doc)
+    assert named, "docs/benchmarks.md names the JSON each CPU table comes from"
+    docs_table = _bench_script("docs_table")
+    for path in named:
+        table = docs_table.table(json.loads((ROOT / path).read_text()))
+        assert table in doc, f"docs/benchmarks.md: the table of {path} is not what python bench/docs_table.py {path} prints"
 
 
 def test_norm_accuracy_script(capsys):
