@@ -105,10 +105,11 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
 
 @torch.no_grad()
 def _sum_squares(tensors) -> torch.Tensor:
-    """Σx² over flat fp32 tensors, fp64 0-d on their device; one read pass, no sync."""
-    from .reference import _partial_norms  # TODO(signals): the backends' norm partials once split
-    parts = [part for t in tensors for part in _partial_norms(t.view(-1), 2.0)]
-    return torch.cat(parts).double().square().sum()
+    """Σx² over flat fp32/bf16/fp16 tensors on one device, fp64 0-d; one read pass (the
+    norm's phase 1, then a fold of its per-program fp32 partials in fp64), no sync."""
+    flat = [t.view(-1) for t in tensors]
+    partials = _backend.implementation(flat[0].device).norm_partials(flat, 1.0, 2.0)
+    return partials[0].sum(dtype=torch.float64)
 
 
 def sq_slots(t: torch.Tensor) -> int:
@@ -126,8 +127,15 @@ def _as_list(tensors, name: str) -> list:
 
 @torch.no_grad()
 def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
-                        out=None, skip_if_nonfinite=True) -> torch.Tensor:
-    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor."""
+                        out=None, skip_if_nonfinite=True, reduce_partials=None) -> torch.Tensor:
+    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor.
+
+    It runs in three phases of the backend: ``norm_partials`` (one read pass: a small fp32
+    tensor whose last dim holds one slot per program or bucket), ``finalize`` (the stats) and
+    ``apply`` (one read-write pass). ``reduce_partials``, a callable ``partials -> partials``,
+    runs between the first two: concatenating the partials of several ranks along the last
+    dim (``torch.cat(..., -1)`` of an ``all_gather``) makes the stats those of the union of
+    all ranks' buckets (sharded gradients). It must keep the device and the number of rows."""
     buckets = _as_list(buckets, "buckets")
     if not buckets:
         raise ValueError("buckets is empty")
@@ -172,8 +180,22 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     inv = _scalar(inv_scale, "inv_scale", device)
-    return _backend.implementation(device).unscale_clip_(
-        flat, inv, max_norm, p, eps, out=out, skip_if_nonfinite=skip_if_nonfinite)
+    if reduce_partials is not None and not callable(reduce_partials):
+        raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
+    impl = _backend.implementation(device)
+    partials = impl.norm_partials(flat, inv, p)
+    if reduce_partials is not None:
+        reduced = reduce_partials(partials)
+        if (not isinstance(reduced, torch.Tensor) or reduced.dtype != partials.dtype
+                or reduced.device != partials.device or reduced.shape[:-1] != partials.shape[:-1]):
+            raise ValueError(f"reduce_partials must return a {partials.dtype} tensor on {partials.device} of shape "
+                             f"{tuple(partials.shape[:-1])} + (slots,), got "
+                             + (f"{reduced.dtype} {tuple(reduced.shape)} on {reduced.device}"
+                                if isinstance(reduced, torch.Tensor) else type(reduced).__name__))
+        partials = reduced
+    stats = impl.finalize(partials, inv, max_norm, p, eps)
+    impl.apply(flat, stats, out, bool(skip_if_nonfinite))
+    return stats
 
 
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):

@@ -340,7 +340,7 @@ def count_backend_calls(monkeypatch):
     from fusedaccum import kernels, reference
     calls = []
     for module in (reference, kernels):
-        for name in ("accumulate_", "unscale_clip_"):
+        for name in ("accumulate_", "norm_partials", "finalize", "apply"):
             original = getattr(module, name)
 
             def spy(*args, _name=name, _original=original, **kwargs):
@@ -360,8 +360,8 @@ def count_backend_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_statistics_off_cost_no_launch_and_on_cost_what_is_documented(backend, device, monkeypatch, dtype):
     """Off: the window's backend calls are those of plain accumulation (bf16: K accumulate
-    passes, no Σg²; one unscale/clip) and nothing else. On: bf16 the same passes carry the
-    Σg² (no extra launch); fp32 one extra read of the buckets per window."""
+    passes, no Σg²; the step's three phases) and nothing else. On: bf16 the same passes carry
+    the Σg² (no extra launch); fp32 one extra norm-partials read of the buckets per window."""
     calls = count_backend_calls(monkeypatch)
     x, y = make_data(12, device)
     for on in (False, True):
@@ -374,8 +374,9 @@ def test_statistics_off_cost_no_launch_and_on_cost_what_is_documented(backend, d
         acc.step(opt)
         accumulates = [sq for name, sq in calls if name == "accumulate_"]
         assert accumulates == ([on] * 3 if dtype == torch.bfloat16 else [])
+        step = ["norm_partials", "finalize", "apply"]
         assert [name for name, _ in calls if name != "accumulate_"] == (
-            ["sum_squares", "unscale_clip_"] if on and dtype == torch.float32 else ["unscale_clip_"])
+            ["sum_squares", "norm_partials"] + step if on and dtype == torch.float32 else step)
         acc.release()
 
 
