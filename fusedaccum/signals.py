@@ -59,15 +59,20 @@ class AdaptiveSteps:
     """Let ``accumulation_steps`` follow the noise scale: ``K ≈ b_simple / (world ·
     items per micro-batch)``, rounded and clamped to ``[min_steps, max_steps]``.
 
-    Decided every ``every`` windows (the first time after ``every`` windows): each decision
-    reads ``b_simple`` and the items per micro-batch on the host (one sync, the only one
-    of these signals). ``on_change(change)`` (a ``StepsChange``) is called for each change,
-    which is also recorded in ``GradAccumulator.accumulation_steps_changes`` and returned as
-    ``StepResult.accumulation_steps`` of that window. A decision without a finite, positive
-    ``b_simple`` (no estimate yet) keeps K.
+    min_steps: the smallest K (default 2: with fp32 parameters in one process a window of one
+        micro-batch gives no estimate, so K = 1 would never be left).
+    max_steps: the largest K.
+    every: decide every ``every`` windows (the first time after ``every`` windows); each
+        decision reads ``b_simple`` and the items per micro-batch on the host: one sync, the
+        only one of these signals.
+    on_change: called with each change (a ``StepsChange``), which is also recorded in
+        ``GradAccumulator.accumulation_steps_changes`` and returned as
+        ``StepResult.accumulation_steps_change`` of that window.
+
+    A decision without a finite, positive ``b_simple`` (no estimate yet) keeps K.
     """
 
-    min_steps: int = 1
+    min_steps: int = 2
     max_steps: int = 64
     every: int = 10
     on_change: "object | None" = None
