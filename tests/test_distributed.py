@@ -379,9 +379,11 @@ def worker(rank, world, rdzv, out_dir, names):
 
 # ---------------------------------------------------------------- launching (pytest side)
 
-def launch(tmp_path, backend, names, timeout=90):
+def launch(tmp_path, backend, names, timeout=90, script=__file__):
+    """Run ``names`` (scenarios) on WORLD workers, each ``script`` run as a script (this file,
+    or another test file whose ``__main__`` adds its scenarios and calls ``worker``)."""
     env = dict(os.environ, FUSEDACCUM_BACKEND=backend, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(WORLD), str(tmp_path / "rdzv"),
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(WORLD), str(tmp_path / "rdzv"),
                                str(tmp_path), ",".join(names)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
     logs = []

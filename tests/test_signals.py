@@ -9,6 +9,7 @@ fourth moments), so ``tr(Σ) = (d + 1)|δ|² + d σ²`` and ``|𝒢|² = |δ|²`
 """
 
 import math
+import sys
 
 import pytest
 import torch
@@ -516,3 +517,115 @@ def test_demo_shows_the_window_loss_noise_scale_and_adaptive_k(tmp_path):
 def test_exports():
     for name in ("AdaptiveSteps", "NoiseScale", "NoiseScaleSettings", "StepsChange"):
         assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == "fusedaccum.signals"
+
+
+# ---------------------------------------------------------------- data parallel (gloo, 2 ranks)
+
+import test_distributed as td  # noqa: E402  (its worker-launch machinery, one launch here)
+
+DP_SETTINGS = dict(beta=0.5)
+
+
+def _dp_scenario(kind, per_item, ddp=False, scaler=False):
+    def scenario(rank, world, original):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = td.make_model(kind)
+        shown = DistributedDataParallel(model) if ddp else model
+        acc = GradAccumulator(shown if ddp else model.parameters(), td.K, noise_scale=NoiseScaleSettings(**DP_SETTINGS),
+                              scaler=LossScaler(init_scale=2.0**8) if scaler else None)
+        opt = td.make_opt("sgd", model.parameters())
+        plan = td.ITEMS_PLAN if per_item else td.MEAN_PLAN
+        rec = {"before": [], "stats": [], "calls": []}
+        for w in range(len(plan)):
+            rec["before"].append([p.detach().clone() for p in model.parameters()])
+            forced = any(len(sizes) < td.K for sizes in plan[w])
+            micro = td.window_data(plan, w)[rank]
+            for k, (x, y) in enumerate(micro):
+                with acc.accumulate(shown, sync=True if forced and k == len(micro) - 1 else None):
+                    if per_item:  # the forward through DDP, so that it reduces
+                        acc.backward(td.sum_loss(shown, x, y), num_items=len(x))
+                    else:
+                        acc.backward(td.mean_loss(shown, x, y))
+            before = len(td.CALLS)
+            res = acc.step(opt, force=forced)
+            rec["calls"].append(td.CALLS[before:])
+            ns = res.noise_scale
+            rec["stats"].append(torch.stack([res.loss, ns.window_trace_cov, ns.window_grad_sq, ns.trace_cov,
+                                             ns.grad_sq, ns.b_simple]).clone())
+        return rec
+    return scenario
+
+
+DP_SCENARIOS = {"sig_items_fp32_scaler": _dp_scenario("fp32", True, scaler=True),
+                "sig_mean_bf16": _dp_scenario("bf16", False),
+                "sig_ddp_mean": _dp_scenario("fp32", False, ddp=True)}
+
+
+def _dp_expected(kind, per_item, before, ddp):
+    """One process, all the data, float64 arithmetic on the micro-batch gradients in the
+    model's dtype: (loss, S, G²) per window; small batches as the accumulator samples them
+    (fp32: each rank's first micro-batch, unless DDP reduced in its backward, i.e. it was
+    the rank's only one; bf16: every micro-batch)."""
+    plan = td.ITEMS_PLAN if per_item else td.MEAN_PLAN
+    out = []
+    for w in range(len(plan)):
+        model = td.make_model(kind)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), before[w]):
+                p.copy_(q)
+        grads, losses, small = [], [], []
+        for rank_micro in td.window_data(plan, w):
+            for k, (x, y) in enumerate(rank_micro):
+                model.zero_grad()
+                loss = td.sum_loss(model, x, y) if per_item else td.mean_loss(model, x, y)
+                loss.backward()
+                g = torch.cat([p.grad.double().reshape(-1) for p in model.parameters()])
+                c = len(x) if per_item else 1
+                grads.append(g)
+                losses.append(float(loss.detach()))
+                if kind == "bf16" or (k == 0 and not (ddp and len(rank_micro) == 1)):
+                    small.append((g / c, c))
+        big = sum(len(x) if per_item else 1 for rank_micro in td.window_data(plan, w) for x, _ in rank_micro)
+        window_grad = torch.stack(grads).sum(0) / big
+        s, g2 = estimate_noise(sum(g.pow(2).sum() for g, _ in small), sum(1 / c for _, c in small), len(small),
+                               window_grad.pow(2).sum(), big)
+        out.append((sum(losses) / big, float(s), float(g2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dp_runs(tmp_path_factory):
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    ranks = td.launch(tmp_path_factory.mktemp("dist_signals"), "torch", list(DP_SCENARIOS), script=__file__)
+    return {name: td.ok([r.get(name, {"error": "not run"}) for r in ranks]) for name in DP_SCENARIOS}
+
+
+@pytest.mark.parametrize("name", list(DP_SCENARIOS))
+def test_data_parallel_statistics_equal_one_process_on_all_data(dp_runs, name):
+    """Two gloo ranks (uneven items within and across ranks; a forced partial window of 2 and
+    1 micro-batches; DDP; a loss scale): every rank reports the same bits, and the window's
+    loss (1e-6), S and G² (1e-4 relative, 1e-3 for bf16 gradients) are those of one process
+    over both ranks' micro-batches. The signals ride in the count vector: one 6-element fp64
+    all-reduce per step."""
+    r0, r1 = dp_runs[name]
+    kind = "bf16" if "bf16" in name else "fp32"
+    per_item = "items" in name
+    for a, b in zip(r0["stats"], r1["stats"]):
+        assert torch.equal(a, b)
+    rtol = 1e-3 if kind == "bf16" else 1e-4
+    for w, (stats, (loss, s, g2)) in enumerate(zip(r0["stats"], _dp_expected(kind, per_item, r0["before"], "ddp" in name))):
+        assert float(stats[0]) == pytest.approx(loss, abs=1e-6), w
+        assert float(stats[1]) == pytest.approx(s, rel=rtol), w
+        assert float(stats[2]) == pytest.approx(g2, rel=rtol, abs=rtol * abs(s) / 10), w
+    for calls in r0["calls"]:
+        assert calls.count((6, "float64")) == 1
+
+
+if __name__ == "__main__":
+    td.SCENARIOS.update(DP_SCENARIOS)
+    rank, world, rdzv, out_dir, names = sys.argv[1:6]
+    td.worker(int(rank), int(world), rdzv, out_dir, names.split(","))
