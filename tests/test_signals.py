@@ -467,10 +467,11 @@ def test_adaptive_k_follows_b_simple_and_reads_the_host_only_when_deciding(monke
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_resume_mid_window_keeps_the_signals(dtype):
-    """A checkpoint after 2 of 3 micro-batches (the second window) resumed into a fresh
-    accumulator: the same loss, noise statistics and K as the uninterrupted run."""
+    """A checkpoint after 2 of 3 micro-batches (the second window, K changed by the adaptive
+    policy's owner) resumed into a fresh accumulator built with K = 2: the same loss, noise
+    statistics and K as the uninterrupted run (an adaptive policy owns K: it is restored)."""
     x, y = make_data(24, "cpu")
-    settings = NoiseScaleSettings(beta=0.5)
+    settings = NoiseScaleSettings(beta=0.5, adaptive=AdaptiveSteps(every=1000))
 
     def run(split):
         model = make_model(dtype, "cpu")
@@ -629,3 +630,26 @@ if __name__ == "__main__":
     td.SCENARIOS.update(DP_SCENARIOS)
     rank, world, rdzv, out_dir, names = sys.argv[1:6]
     td.worker(int(rank), int(world), rdzv, out_dir, names.split(","))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to detect host syncs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_no_sync_on_cuda_with_statistics(dtype):
+    """The CUDA sync checker over a window with the noise scale and the window loss on."""
+    model = make_model(dtype, "cuda")
+    x, y = make_data(8, "cuda")
+    acc = GradAccumulator(model.parameters(), 2, max_norm=0.1, scaler=LossScaler(), noise_scale=True)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    items = torch.tensor(4, device="cuda")
+    for _ in range(2):  # warm-up: lazy init of scaler, statistics and optimizer state
+        for _ in range(2):
+            acc.backward(loss_of(model, x, y, True), num_items=items)
+        acc.step(opt)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            acc.backward(loss_of(model, x, y, True), num_items=items)
+        result = acc.step(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(result.loss)
