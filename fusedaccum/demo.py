@@ -23,7 +23,6 @@ first reaches the level both runs reach.
 
 import argparse
 import copy
-import math
 import os
 import random
 import sys
@@ -36,6 +35,7 @@ from torch import nn
 
 from . import _backend
 from .accumulator import GradAccumulator
+from .demo_plot import ACCUMULATED, ADAPTIVE, LARGE, NAIVE, plot
 from .signals import AdaptiveSteps, NoiseScaleSettings
 
 # In the directory the demo runs from, where the user finds it; .gitignore names it, so a run
@@ -99,7 +99,7 @@ def _adamw(model):
 
 
 class LargeBatch:
-    name = "large batch"
+    name = LARGE
 
     def __init__(self, model, k):
         self.model = model
@@ -117,7 +117,7 @@ class LargeBatch:
 
 
 class Accumulated:
-    name = "GradAccumulator"
+    name = ACCUMULATED
 
     def __init__(self, model, k):
         self.model = model
@@ -142,7 +142,7 @@ class Accumulated:
 
 
 class Naive:
-    name = "naive loop"
+    name = NAIVE
 
     def __init__(self, model, k):
         self.model, self.k = model, k
@@ -172,7 +172,7 @@ class Adaptive:
     """K chosen by the noise scale: K ≈ b_simple / 16 images, re-decided every 5 windows.
     Windows run across epoch boundaries (no forced partial windows)."""
 
-    name = "adaptive K"
+    name = ADAPTIVE
 
     def __init__(self, model, k):
         self.model = model
@@ -350,7 +350,7 @@ def _run(epochs, k, window, device, out, seed, stream):
                                                                          (Adaptive.name, adaptive))}
     rows.append(_compare(adaptive_row, rows[1], progress, noise, adaptive.ks, k, window, stream))
     labels[Adaptive.name] = f"adaptive K ({ADAPTIVE_MICRO} images/micro-batch)"
-    _plot(curves, drift, labels, out, epochs, progress, noise, adaptive.ks)
+    plot(curves, drift, labels, out, epochs, progress, noise, adaptive.ks, EXTRAS_HINT)
     print(f"plot saved to {os.path.abspath(out)}", file=stream)
     return rows
 
@@ -374,55 +374,6 @@ def _compare(adaptive_row, fixed_row, progress, noise, ks, k, window, stream):
     print("to loss: the training-set loss both runs reach (checked at epoch ends); steps, images: until then. "
           "b_simple: the noise scale in images (EMA, bias corrected)", file=stream)
     return adaptive_row
-
-
-def _plot(curves, drift, labels, out, epochs, progress, noise, ks):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise SystemExit(f"the demo needs matplotlib ({exc}): {EXTRAS_HINT}") from None
-    fig = Figure(figsize=(11, 8.4))
-    FigureCanvasAgg(fig)  # no pyplot, no global backend state
-    (ax_loss, ax_drift), (ax_images, ax_noise) = fig.subplots(2, 2)
-    styles = {LargeBatch.name: dict(color="black", lw=2.5, alpha=0.5),
-              Accumulated.name: dict(color="tab:blue", lw=1.0, ls="--"),
-              Naive.name: dict(color="tab:red", lw=1.0),
-              Adaptive.name: dict(color="tab:green", lw=1.0)}
-    for name in (Accumulated.name, Adaptive.name):
-        ax_images.plot([p[2] for p in progress[name]], [p[0] for p in progress[name]], marker="o", ms=3,
-                       label=labels[name], **styles[name])
-        # Until |G|²'s average is clearly positive the ratio is meaningless (negative, or
-        # huge): those points are left out (the policy keeps K then).
-        ax_noise.plot(range(1, len(noise[name]) + 1), [v if v > 0 else math.nan for v in noise[name]],
-                      label=f"b_simple, {labels[name]}", **styles[name])
-    ax_images.set(xlabel="images seen", ylabel="training-set loss", yscale="log",
-                  title="fixed K against K from the noise scale")
-    ax_images.legend()
-    ax_noise.set(xlabel="optimizer step", ylabel="b_simple (images)", yscale="log",
-                 title="gradient noise scale (StepResult.noise_scale)")
-    ax_k = ax_noise.twinx()
-    ax_k.step(range(1, len(ks) + 1), ks, where="post", color="tab:orange", lw=1.0, label="adaptive K")
-    ax_k.set_ylabel("K (micro-batches per step)")
-    handles = ax_noise.get_legend_handles_labels()
-    ax_noise.legend(handles[0] + ax_k.get_legend_handles_labels()[0],
-                    handles[1] + ax_k.get_legend_handles_labels()[1], fontsize="small")
-    for name, values in curves.items():
-        if name == Adaptive.name:
-            continue
-        ax_loss.plot(range(1, len(values) + 1), values, label=labels[name], **styles[name])
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss of the window", yscale="log",
-                title="loss curves")
-    ax_loss.legend()
-    for name, values in drift.items():
-        if name not in (LargeBatch.name, Adaptive.name):
-            ax_drift.plot(range(1, epochs + 1), [max(v, 1e-12) for v in values], marker="o", ms=3,
-                          label=labels[name], **styles[name])
-    ax_drift.set(xlabel="epoch", ylabel="max |w - w_large batch|", yscale="log",
-                 title="distance to large-batch training")
-    ax_drift.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
 
 
 def main(argv=None) -> int:
