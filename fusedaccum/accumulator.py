@@ -430,8 +430,10 @@ class GradAccumulator:
         Returns (stats, the window's item count for the result, (loss, noise, items per
         micro-batch)). The window's signals ride on the engine's count all-reduce."""
         win = self._win
-        win.signals = torch.cat([self._signals.local_sums(self.device),
-                                 torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
+        # Only what has to travel is packed: one process without statistics needs the loss alone.
+        lean = self._signals.tracker is None and not self._engine.communicates
+        win.signals = None if lean else torch.cat([
+            self._signals.local_sums(self.device), torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
         denom, items = self._engine.reduce(self._accums, win, force, self.device)
         if isinstance(denom, numbers.Real) and denom == 0:
             warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
@@ -445,9 +447,10 @@ class GradAccumulator:
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs, **({} if hook is None else {"reduce_partials": hook}))
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
-        micro = win.signals[4]
+        sums = self._signals.loss.total(self.device).reshape(1) if lean else win.signals[:4]
+        micro = win.micro if lean else win.signals[4]
         count = items if win.items_given else micro  # items (or micro-batches) over all ranks
-        loss, noise = self._signals.finish(win.signals[:4], count, stats[0], stats[1], scale, bool(win.items_given))
+        loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))
         return stats, items, (loss, noise, None if noise is None else count / micro)
 
     # ------------------------------------------------------------------ checkpoints

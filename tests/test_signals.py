@@ -558,7 +558,30 @@ def _dp_scenario(kind, per_item, ddp=False, scaler=False):
     return scenario
 
 
-DP_SCENARIOS = {"sig_items_fp32_scaler": _dp_scenario("fp32", True, scaler=True),
+def _dp_adaptive(rank, world, original):
+    """K from the noise scale on 2 ranks (process_group=None: the default group): micro-batches
+    of 2 rows, a decision every 2 windows; what each rank saw."""
+    model = td.make_model("fp32")
+    policy = AdaptiveSteps(min_steps=2, max_steps=6, every=2)
+    acc = GradAccumulator(model.parameters(), 3, noise_scale=NoiseScaleSettings(beta=0.0, adaptive=policy))
+    opt = td.make_opt("sgd", model.parameters())
+    g = torch.Generator().manual_seed(100 + rank)
+    rec = {"k": [], "changes": []}
+    for _ in range(6):
+        for _ in range(acc.accumulation_steps):
+            x, y = torch.randn(2, td.IN, generator=g, dtype=torch.float64), torch.randn(2, td.OUT, generator=g,
+                                                                                         dtype=torch.float64)
+            acc.backward(td.sum_loss(model, x, y), num_items=2)
+        res = acc.step(opt)
+        rec["k"].append(res.micro_batches)
+        if res.accumulation_steps_change is not None:
+            c = res.accumulation_steps_change
+            rec["changes"].append((c.old, c.new, c.b_simple, c.items_per_micro_batch))
+    return rec
+
+
+DP_SCENARIOS = {"sig_adaptive": _dp_adaptive,
+                "sig_items_fp32_scaler": _dp_scenario("fp32", True, scaler=True),
                 "sig_mean_bf16": _dp_scenario("bf16", False),
                 "sig_ddp_mean": _dp_scenario("fp32", False, ddp=True)}
 
@@ -605,7 +628,7 @@ def dp_runs(tmp_path_factory):
     return {name: td.ok([r.get(name, {"error": "not run"}) for r in ranks]) for name in DP_SCENARIOS}
 
 
-@pytest.mark.parametrize("name", list(DP_SCENARIOS))
+@pytest.mark.parametrize("name", [n for n in DP_SCENARIOS if n != "sig_adaptive"])
 def test_data_parallel_statistics_equal_one_process_on_all_data(dp_runs, name):
     """Two gloo ranks (uneven items within and across ranks; a forced partial window of 2 and
     1 micro-batches; DDP; a loss scale): every rank reports the same bits, and the window's
@@ -624,6 +647,16 @@ def test_data_parallel_statistics_equal_one_process_on_all_data(dp_runs, name):
         assert float(stats[2]) == pytest.approx(g2, rel=rtol, abs=rtol * abs(s) / 10), w
     for calls in r0["calls"]:
         assert calls.count((6, "float64")) == 1
+
+
+def test_data_parallel_adaptive_k_is_the_same_on_every_rank(dp_runs):
+    """Each rank sees other data, yet both reach the same K at the same windows: decided from
+    global statistics, K = round(b_simple / (2 ranks x 2 items)) clamped to [2, 6]."""
+    r0, r1 = dp_runs["sig_adaptive"]
+    assert r0["k"] == r1["k"] and r0["changes"] == r1["changes"]
+    assert len(r0["changes"]) >= 2 and len(set(r0["k"])) >= 2  # this data makes K move (measured: 3 changes)
+    for old, new, b_simple, per_micro in r0["changes"]:
+        assert per_micro == 2.0 and new == min(6, max(2, round(b_simple / 4)))
 
 
 if __name__ == "__main__":

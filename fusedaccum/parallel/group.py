@@ -48,6 +48,14 @@ class Auto(Engine):
     def __init__(self):
         self._fixed: "Group | None" = None
 
+    @property
+    def world_size(self) -> int:
+        """The world the next step reduces over (without fixing the choice)."""
+        if self._fixed is not None:
+            return self._fixed.world_size
+        d = dist()
+        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
     def _current(self) -> Engine:
         if self._fixed is not None:
             return self._fixed
