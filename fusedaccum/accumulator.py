@@ -132,7 +132,7 @@ class GradAccumulator:
     - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
       (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
       ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
-      the accumulator communicates only the item count (with ``num_items``). A partial
+      the accumulator communicates only the count vector (item count, loss, statistics). A partial
       window closed by ``step(force=True)`` ran its last micro-batch under ``no_sync()``
       (``accumulate`` cannot know it was the last): ``step`` all-reduces its buckets then.
       Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
@@ -385,8 +385,8 @@ class GradAccumulator:
         the count is a host number.
 
         Data parallel, without DDP: before the fused pass, one ``all_reduce(SUM)`` per
-        bucket, plus one of the window's item count (fp64, one element, on the device) with
-        ``num_items`` or ``force=True``; under DDP only that count, unless the window's last
+        bucket, plus one of a 6-element fp64 vector on the device (the window's count, loss
+        and noise-scale sums, micro-batches: docs/signals.md); under DDP only that vector, unless the window's last
         micro-batch ran under ``no_sync()`` (a partial window closed with ``force=True``):
         then the buckets too, over DDP's group. All launched at once (``async_op=True``),
         then waited on. A collective: call it on every rank alike.
