@@ -44,6 +44,9 @@ class Window:
     items_host: float = 0  # Python-number part of the items
     items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
     unsynced: bool = False  # the last micro-batch ran under a wrapper's no_sync()
+    # The window's signals (fusedaccum.signals: loss, noise-scale sums, micro-batches), fp64 on
+    # the device, set at the step: global_normalizer makes them global with the count.
+    signals: "torch.Tensor | None" = None
 
     def items(self):
         """The window's own item count (None without num_items)."""
@@ -79,14 +82,22 @@ def local_normalizer(window: Window):
 def global_normalizer(window: Window, group, world_size: int, force: bool, device):
     """The window's count over all ranks: (host number or 0-d fp64 device tensor, work handles
     to wait on). The count is all-reduced only when it can differ between ranks (num_items,
-    or a partial window closed with force=True); no host sync."""
-    if not (window.items_given or force):
+    or a partial window closed with force=True); no host sync. ``window.signals`` ride in the
+    same all-reduce (one fp64 vector ``[count, signals...]``), and become global in place;
+    they cost one all-reduce of their own only for a full window of micro-batch means."""
+    counted = window.items_given or force
+    if not counted and window.signals is None:
         return window.micro * world_size, []  # every rank closes a full window of micro-batch means
     host = window.items_host if window.items_given else window.micro
     count = torch.full((1,), host, dtype=torch.float64, device=device)
     if window.items_given and window.items_dev is not None:
         count += window.items_dev
-    return count.reshape(()), all_reduce_async([count], group)
+    if window.signals is not None:
+        count = torch.cat([count, window.signals])
+        window.signals = count[1:]  # a view: global once the all-reduce is waited on
+    works = all_reduce_async([count], group)
+    # A full window of means keeps its host count: the gradient's multiplier stays as it was.
+    return (count[0] if counted else window.micro * world_size), works
 
 
 def wait(works) -> None:

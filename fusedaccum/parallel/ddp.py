@@ -3,8 +3,9 @@
 ``accumulate(ddp_model)`` enters ``no_sync()`` on all but the last micro-batch, so DDP
 all-reduces (mean) the window's sums once, during the last backward; the buckets then hold
 DDP's mean and the multiplier becomes ``world_size / global count``. The accumulator
-communicates only the count, when it can differ between ranks (``num_items``, or a partial
-window closed by ``step(force=True)``). Such a partial window ran its last micro-batch under
+communicates only the count vector: the count (which can differ between ranks with
+``num_items``, or in a partial window closed by ``step(force=True)``) and the window's loss
+and statistics. Such a partial window ran its last micro-batch under
 ``no_sync()`` (``accumulate`` cannot know it was the last): nobody reduced it, so ``step``
 all-reduces its buckets over DDP's group then, as the process-group engine would.
 """

@@ -1,9 +1,9 @@
 """The accumulator all-reduces its own buckets over a process group (no wrapper model).
 
 At ``step``, right before the fused unscale/norm/clip pass: one ``all_reduce(SUM)`` per fp32
-accumulation bucket, plus one of the window's item count (fp64, one element, on the device)
-with ``num_items`` or ``force=True``; all launched at once (``async_op=True``), the count
-first, then waited on. The normalizer becomes global (``world_size * micro_batches``, or the
+accumulation bucket, plus one of the window's count vector (fp64 on the device: the item
+count, and the window's loss and noise-scale sums, ``base.global_normalizer``); all
+launched at once (``async_op=True``), the count first, then waited on. The normalizer becomes global (``world_size * micro_batches``, or the
 all-reduced count), so the norm, the clip and ``found_inf`` are those of the global gradient
 on every rank: all ranks skip or step together with no collective for the decision.
 Nothing is communicated during the micro-batches.
@@ -47,6 +47,14 @@ class Auto(Engine):
 
     def __init__(self):
         self._fixed: "Group | None" = None
+
+    @property
+    def world_size(self) -> int:
+        """The world the next step reduces over (without fixing the choice)."""
+        if self._fixed is not None:
+            return self._fixed.world_size
+        d = dist()
+        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
 
     def _current(self) -> Engine:
         if self._fixed is not None:
