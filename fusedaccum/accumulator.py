@@ -39,8 +39,9 @@ import torch
 
 from . import _checkpoint, _optim, _validate
 from .buckets import GradBuckets
-from .ops import CLIP_EPS, _unscale_clip_stats, accumulate_
+from .ops import CLIP_EPS, accumulate_
 from .parallel import Window, engine_for
+from ._dtensor import unscale_clip_stats
 from .scaler import LossScaler
 
 __all__ = ["GradAccumulator", "StepResult"]
@@ -139,13 +140,14 @@ class GradAccumulator:
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
-                 accum_dtype: torch.dtype = torch.float32, process_group=None):
+                 accum_dtype: torch.dtype = torch.float32, process_group=None, fsdp_sync: str = "micro_batch"):
         # Validate everything (the engine's checks too) before the buckets re-point any param.grad.
         accumulation_steps, max_norm, norm_type = _validate.check_args(accumulation_steps, max_norm, norm_type,
                                                                        scaler)
         module, params = _validate.check_params(params)
         self._engine = engine_for(process_group, module,
-                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad])
+                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
+                                  {"fsdp_sync": fsdp_sync})
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
         self.accumulation_steps = accumulation_steps
@@ -241,6 +243,7 @@ class GradAccumulator:
         if first:
             if self._module is not None:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
+            self._engine.start_window(self.buckets)
             self._start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
@@ -347,9 +350,8 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
-        hook = self._engine.reduce_partials
-        stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self._outs, **({} if hook is None else {"reduce_partials": hook}))
+        stats = unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
+                                   out=self._outs, reduce_partials=self._engine.reduce_partials)
         return stats, items
 
     # ------------------------------------------------------------------ checkpoints

@@ -230,6 +230,11 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    if grads and torch.distributed.is_available():
+        from . import _dtensor
+
+        if any(_dtensor.is_dtensor(g) for g in grads):  # FSDP2 shards: their norm is gathered
+            return _dtensor.clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach)
     buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
     dtypes = {g.dtype for g in grads}
     if buffers is None or torch.float16 in dtypes:
