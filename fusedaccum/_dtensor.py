@@ -25,13 +25,16 @@ def is_dtensor(t) -> bool:
 
 
 def gather_partials(group, world_size: int):
-    """A ``reduce_partials`` hook: one ``all_gather_into_tensor`` of the local partials (slots
-    along the last dim) over ``group``; returns them concatenated along the slots, rank by
-    rank, so that every rank finalizes the same numbers in the same order (bitwise alike)."""
+    """A ``reduce_partials`` hook: one all-gather (``all_gather_single``; before torch 2.13
+    ``all_gather_into_tensor``) of the local partials (slots along the last dim) over
+    ``group``; returns them concatenated along the slots, rank by rank, so that every rank
+    finalizes the same numbers in the same order (bitwise alike)."""
     def reduce_partials(partials: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         local = partials.reshape(-1)  # flat: gloo gathers along dim 0 only
         out = local.new_empty(world_size * local.numel())
-        torch.distributed.all_gather_into_tensor(out, local, group=group)
+        gather(out, local, group=group)
         out = out.view((world_size,) + tuple(partials.shape))
         return out.movedim(0, -2).reshape(*partials.shape[:-1], world_size * partials.shape[-1])
 

@@ -11,10 +11,11 @@ The model has three Linear layers, each wrapped with ``fully_shard``, and the ro
 FSDP parameter groups, so 3 reduce-scatters per synchronising backward. Its rows (8, 13, 3)
 do and do not divide by 2 and 4 ranks; on 4 ranks the last layer's rank-3 shard is empty.
 
-Counting collectives: the worker wraps ``torch.distributed``'s ``all_reduce``,
-``all_gather_into_tensor`` (the accumulator's: the item count, the norm's partials) and
-``reduce_scatter_single`` / ``all_gather_single`` (FSDP2's) before the process group exists;
-FSDP2 and the accumulator call them through the module, so every call is seen.
+Counting collectives: the worker wraps ``torch.distributed``'s ``all_reduce`` (the
+accumulator's item count), ``reduce_scatter_single`` (FSDP2's gradients) and
+``all_gather_single`` (FSDP2's parameters during the micro-batches; the accumulator's norm
+partials at the step) before the process group exists; FSDP2 and the accumulator call them
+through the module, so every call is seen.
 
 Tolerances: 1e-5 on O(1) weights after 3 fp32 AdamW windows with active clipping (measured
 ~1e-7); bf16 compute (MixedPrecisionPolicy param_dtype=bf16): 1e-2 relative to the largest weight.
@@ -169,6 +170,9 @@ def full_params(model):
 
 def ours(calls):
     return [c for c in calls if c[0] in ("all_reduce", "all_gather_into_tensor")]
+
+
+AG_PER_MICRO = 2 * GROUPS  # FSDP2's parameter all-gathers: each group in the forward, again in the backward
 
 
 def _train(acc, model, opt, plan, rank, per_item, *, shown=True, sync_partial=True, inject=None):
@@ -546,16 +550,18 @@ def test_equals_one_process(two, four, world, mode):
 @pytest.mark.parametrize("world", [2, 4])
 def test_collectives_per_window(two, four, world):
     """Micro-batch mode: FSDP2's 3 reduce-scatters per micro-batch; window mode: 3 per window,
-    on its last micro-batch. Ours, at the step only: one all_gather_into_tensor of the norm's
+    on its last micro-batch. Ours, at the step only: one all_gather_single of the norm's
     partials, and one all_reduce of the fp64 item count with num_items or a forced window."""
     runs = two if world == 2 else four
-    gather = ("all_gather_into_tensor",)
+    gather = ("all_gather_single", "all_gather_into_tensor")
     count = ("all_reduce", 1, "float64")
     for name in ("mean_micro", "items_window") + (("mean_window", "items_micro") if world == 2 else ()):
         plan = items_plan(world) if name.startswith("items") else mean_plan(world)
         for rank, rec in enumerate(ok(runs[name])):
             lengths = [len(plan[w][rank]) for w in range(len(plan))]
             assert all(ours(c) == [] for c in rec["micro"])  # nothing of ours during micro-batches
+            # ... and no extra all-gather: FSDP2's own, as many in every micro-batch, in both modes
+            assert [sum(c[0] == "all_gather_single" for c in m) for m in rec["micro"]] == [AG_PER_MICRO] * sum(lengths)
             if name.endswith("micro"):
                 assert [rs_count(c) for c in rec["micro"]] == [GROUPS] * sum(lengths)
             else:
@@ -565,7 +571,7 @@ def test_collectives_per_window(two, four, world):
                 forced = any(len(s) < K for s in plan[w])
                 expected_ours = ([count] if name.startswith("items") or forced else [])
                 assert [c for c in calls if c[0] == "all_reduce"] == expected_ours
-                assert [c[0] for c in calls if c[0] in gather] == ["all_gather_into_tensor"]
+                assert [c[0] for c in calls if c[0] in gather] == ["all_gather_single"]
                 assert len(calls) == len(expected_ours) + 1  # nothing else
 
 
@@ -607,7 +613,7 @@ def test_inf_on_one_rank_skips_everywhere(two):
 
 def test_clip_grad_norm_matches_torch_on_dtensor_grads(two):
     """The fused clip over bucket-backed DTensor grads: torch's norm and clipped grads, with one
-    all_gather_into_tensor and no other collective."""
+    all_gather_single and no other collective."""
     for rank, out in enumerate(ok(two["clip_grad_norm"])):
         for norm_type, r in out.items():
             assert r["in_buckets"]
@@ -616,7 +622,7 @@ def test_clip_grad_norm_matches_torch_on_dtensor_grads(two):
             for a, b, g in zip(r["ours"], r["torch"], r["unclipped"]):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
             assert max_diff(r["ours"], [g.double() for g in r["unclipped"]]) > 1e-3  # it clipped
-            assert [c[0] for c in r["calls"]] == ["all_gather_into_tensor"], (rank, norm_type, r["calls"])
+            assert [c[0] for c in r["calls"]] == ["all_gather_single"], (rank, norm_type, r["calls"])
 
 
 def test_resume_mid_window_is_bit_identical(two):
@@ -657,7 +663,7 @@ def test_hsdp_four_ranks(four):
     assert_matches(records, ref, norms)
     for rec in records:
         for calls in rec["step"]:
-            gathers = [c for c in calls if c[0] == "all_gather_into_tensor"]
+            gathers = [c for c in calls if c[0] == "all_gather_single"]
             assert len(gathers) == 1
 
 

@@ -20,7 +20,7 @@ At ``step``: FSDP divided its reduction by ``F`` (its gradient divide factor, by
 number of data-parallel ranks): the normalizer becomes ``global count / F``; the count is
 all-reduced (one fp64 element) only when it can differ between ranks (``num_items``, or a
 forced partial window). The norm's per-program partials are made global by one
-``all_gather_into_tensor`` over the shard group (``reduce_partials``); the replicas of an
+``all_gather_single`` over the shard group (``reduce_partials``); the replicas of an
 HSDP mesh hold equal values and are not gathered. No host sync; every rank decides alike.
 """
 
