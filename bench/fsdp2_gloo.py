@@ -12,10 +12,12 @@ runs in its own processes (so that its peak RSS is its own):
 - ddp: the same layers unsharded in DistributedDataParallel, GradAccumulator(ddp, K).
 
 Per setup, rank 0 reports: the median window time over REPEATS windows (after one warm-up
-window), the collectives of one window (counted by wrapping torch.distributed's functions; DDP's
-all-reduces through a communication hook) with their bytes, the gradient bytes held between two
-micro-batches of a window (the accumulator's buckets plus FSDP2's unsharded gradients, summed
-over the live tensors after micro-batch K-1), and the process's peak RSS.
+window); the collectives of one window, during the micro-batches and at step(), counted by
+wrapping torch.distributed's functions (DDP's all-reduces through a communication hook), with
+the bytes each rank receives (all-reduce: the buffer; all-gather: the gathered tensor;
+reduce-scatter: its shard); the gradient bytes held between two micro-batches of a window
+(the accumulator's buckets plus FSDP2's unsharded gradients, summed over the live tensors
+after micro-batch K-1); and the process's peak RSS.
 """
 
 import argparse
@@ -36,16 +38,17 @@ K, BATCH, REPEATS = 4, 32, 5
 COUNTED = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single")
 CALLS: list = []
 DEPTH: list = []
+ORIGINALS: dict = {}  # torch.distributed's functions, unwrapped
 
 
 def _count_collectives() -> None:
     for name in COUNTED:
-        original = getattr(dist, name)
+        original = ORIGINALS[name] = getattr(dist, name)
 
         def counting(*args, _original=original, _name=name, **kwargs):
             t = args[0] if args else next(iter(kwargs.values()))
             if not DEPTH:  # all_gather_into_tensor calls all_gather_single: the outer call only
-                CALLS.append((_name, t.numel() * t.element_size()))
+                CALLS.append((_name, t.numel() * t.element_size()))  # the output: what this rank receives
             DEPTH.append(_name)
             try:
                 return _original(*args, **kwargs)
@@ -85,9 +88,9 @@ def _measure(rank: int, setup: str, width: int, layers: int) -> dict:
         net = nn.parallel.DistributedDataParallel(model)
 
         def hook(state, bucket):
-            hook_calls.append(("ddp all_reduce", bucket.buffer().numel() * bucket.buffer().element_size()))
+            hook_calls.append(("all_reduce (DDP)", bucket.buffer().numel() * bucket.buffer().element_size()))
             t = bucket.buffer().div_(dist.get_world_size())
-            return dist.all_reduce(t, async_op=True).get_future().then(lambda fut: fut.value()[0])
+            return ORIGINALS["all_reduce"](t, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
         net.register_comm_hook(None, hook)
         acc = fusedaccum.GradAccumulator(net, K, max_norm=1.0)
@@ -101,7 +104,7 @@ def _measure(rank: int, setup: str, width: int, layers: int) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
     x = torch.randn(BATCH, width, generator=torch.Generator().manual_seed(rank))
 
-    def window(held=None):
+    def window(held=None, phases=None):
         for k in range(K):
             with acc.accumulate(net):
                 acc.backward(net(x).square().mean())
@@ -109,13 +112,19 @@ def _measure(rank: int, setup: str, width: int, layers: int) -> dict:
                 held.append(sum(b.accum.numel() * 4 + (b.landing.numel() * b.landing.element_size()
                                                         if b.landing is not None else 0) for b in acc.buckets)
                             + (_unsharded_grad_bytes(net) if setup != "ddp" else 0))
+        if phases is not None:
+            phases["micro-batches"] = CALLS + hook_calls
+            CALLS.clear()
+            hook_calls.clear()
         assert acc.step(opt) is not None
+        if phases is not None:
+            phases["step"] = CALLS + hook_calls
 
     held: list = []
+    phases: dict = {}
     CALLS.clear()
     hook_calls.clear()
-    window(held)  # warm-up; its collectives are one window's
-    calls = CALLS + hook_calls
+    window(held, phases)  # warm-up; its collectives are one window's
     times = []
     for _ in range(REPEATS):
         dist.barrier()
@@ -123,10 +132,11 @@ def _measure(rank: int, setup: str, width: int, layers: int) -> dict:
         window()
         times.append(time.perf_counter() - t0)
     collectives: dict = {}
-    for name, nbytes in calls:
-        c = collectives.setdefault(name, [0, 0])
-        c[0] += 1
-        c[1] += nbytes
+    for phase, calls in phases.items():
+        for name, nbytes in calls:
+            c = collectives.setdefault(phase, {}).setdefault(name, [0, 0])
+            c[0] += 1
+            c[1] += nbytes
     return {"setup": setup, "numel": numel, "window_ms": 1e3 * statistics.median(times),
             "window_ms_all": [1e3 * t for t in times], "collectives": collectives,
             "grad_bytes_held": held[0], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -169,13 +179,17 @@ def main() -> None:
     print(f"gloo, {args.world} CPU processes (1 thread each), {numel / 1e6:.1f}M parameters "
           f"({args.layers} x Linear({args.width}, {args.width})), K={K}, {BATCH} rows per micro-batch, "
           f"torch {torch.__version__}\n")
-    print("| setup | window (ms, median of 5) | collectives per window (count, MiB sent in) | "
-          "gradient MiB held mid-window | peak RSS MiB |")
-    print("|---|---|---|---|---|")
+    print("| setup | window ms (median of 5) | collectives in the micro-batches: count (MiB received) | "
+          "at step() | gradient MiB held mid-window | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+
+    def colls(phase: dict) -> str:
+        return ", ".join(f"{name} {n} ({_mib(b)})" for name, (n, b) in sorted(phase.items())) or "none"
+
     for r in results:
-        colls = ", ".join(f"{name} {n} ({_mib(b)})" for name, (n, b) in sorted(r["collectives"].items()))
-        print(f"| {r['setup']} | {r['window_ms']:.0f} | {colls} | {_mib(r['grad_bytes_held'])} | "
-              f"{r['peak_rss_mib']:.0f} |")
+        c = r["collectives"]
+        print(f"| {r['setup']} | {r['window_ms']:.0f} | {colls(c.get('micro-batches', {}))} | "
+              f"{colls(c.get('step', {}))} | {_mib(r['grad_bytes_held'])} | {r['peak_rss_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"world": args.world, "width": args.width, "layers": args.layers, "K": K, "batch": BATCH,

@@ -82,9 +82,13 @@ class GradAccumulator:
         accum_dtype: the accumulation dtype; only ``torch.float32`` is supported.
         process_group: who all-reduces the gradients across data-parallel ranks (see below).
             None (default): the default group when torch.distributed is initialized with
-            world size > 1 and no DistributedDataParallel model has been shown to this
-            accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
+            world size > 1 and no DistributedDataParallel or FSDP2 model has been shown to
+            this accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
             communicate (the parameters are not data-parallel).
+        fsdp_sync: with an FSDP2 model, when FSDP2 reduce-scatters: ``"micro_batch"``
+            (default: after every micro-batch; only sharded gradients are held) or
+            ``"window"`` (``accumulate`` turns the sync off on all but the last micro-batch:
+            one reduce-scatter per window, unsharded fp32 gradients held across it).
 
     Usage::
 
@@ -109,33 +113,31 @@ class GradAccumulator:
     A parameter belongs to one GradAccumulator at a time: building a second one over the
     same parameters raises until ``release()`` is called on the first.
 
-    Data parallel (run the same loop on every rank, each on its share of the data):
+    Data parallel (run the same loop on every rank, each on its share of the data; one
+    engine of ``fusedaccum.parallel`` reduces, exactly once; docs/data-parallel.md, docs/fsdp2.md):
 
-    - no DDP wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
+    - no wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
       ``world_size * micro_batches`` (or by the global item count, itself all-reduced).
       Nothing is communicated during the micro-batches. Broadcast the initial weights
       first (``fusedaccum.broadcast_parameters(model)``), as DDP's constructor would.
-    - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
+    - ``DistributedDataParallel`` over fp32 parameters, shown to the accumulator
       (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
-      ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
-      the accumulator communicates only the item count (with ``num_items``). A partial
-      window closed by ``step(force=True)`` ran its last micro-batch under ``no_sync()``
-      (``accumulate`` cannot know it was the last): ``step`` all-reduces its buckets then.
-      Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
-      (DDP would reduce every micro-batch), with ``gradient_as_bucket_view=True`` (DDP would
-      take ``param.grad`` away from the buckets), or not covering all the parameters.
+      ``no_sync()`` on all but the last micro-batch): DDP reduces once per window; the
+      accumulator communicates only the item count (with ``num_items`` or ``force=True``),
+      and the buckets of a forced partial window whose last micro-batch ran under ``no_sync()``.
+      Refused, saying what to do instead: bf16/fp16 parameters, ``gradient_as_bucket_view=True``,
+      DDP not covering all the parameters, an explicit ``process_group``.
+    - FSDP2 (``fully_shard``), shown likewise: the buckets hold this rank's shards and FSDP2
+      reduce-scatters into them (``fsdp_sync``); at ``step`` one all-gather of the norm's
+      partials makes the norm global (plus the item count). Every rank runs as many
+      micro-batches (FSDP2's forward all-gathers). Refused: FSDP1, CPU offload, a
+      ``process_group`` other than the mesh's.
 
-    One reducer only: a DDP model shown to the accumulator turns its own reduction off; a
-    DDP model with an explicit ``process_group`` (or False) raises, and so does a DDP model
-    shown only after the accumulator has already reduced a window itself. The accumulator
-    cannot see a DDP wrapper it is never shown: that model gets no ``no_sync``, DDP
-    averages every micro-batch's running sum and the accumulator sums once more, which is
-    still the right gradient (both are linear, and averaging equal values changes nothing)
-    but K+1 all-reduces per window instead of one; show the model.
-    ``step(force=True)`` is exact when the partial window's length differs across ranks: it
-    all-reduces the micro-batch count too. The calls are collectives: every rank needs at
-    least one micro-batch per window and must call ``step`` alike (same ``force``,
-    ``num_items`` on all ranks or on none).
+    A wrapper never shown gets no ``no_sync``: DDP then averages every micro-batch and the
+    accumulator sums once more (still right, K+1 all-reduces per window); sharded
+    parameters without their FSDP2 model raise at the first ``backward``. The calls are
+    collectives: every rank needs at least one micro-batch per window and must call
+    ``step`` alike (same ``force``, ``num_items`` on all ranks or on none).
     """
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
@@ -200,25 +202,22 @@ class GradAccumulator:
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
     def accumulate(self, model, *, sync: "bool | None" = None):
-        """Context for the forward and backward of one micro-batch.
+        """Context for the forward and backward of one micro-batch; what it enters is the
+        engine's (``fusedaccum.parallel``).
 
-        When ``model`` has ``no_sync()`` (DDP), it is entered on all but the last micro-batch
-        of a window, so gradients are all-reduced once per window; otherwise nothing is done.
-        ``sync=True`` forces DDP's all-reduce on this micro-batch (optional on the last
-        micro-batch of a partial window: without it, ``step(force=True)`` all-reduces the
-        window's buckets itself over DDP's group).
+        A model with ``no_sync()`` (DDP) runs all but the window's last micro-batch under it,
+        so gradients are all-reduced once per window (only when every parameter is fp32:
+        bf16/fp16 gradients leave ``param.grad`` after each backward, so a wrapper must
+        reduce each micro-batch). An FSDP2 model with ``fsdp_sync="window"`` gets
+        ``set_requires_gradient_sync(False)`` likewise; with ``"micro_batch"``, nothing.
+        ``sync=True`` forces the reduction on this micro-batch: for the last micro-batch of a
+        partial window (needed under FSDP2's window mode; under DDP, ``step(force=True)``
+        all-reduces the buckets itself otherwise). Also warns once when ``model`` holds
+        BatchNorm layers in training mode.
 
-        no_sync is used only when every parameter is fp32: bf16/fp16 gradients move from
-        ``param.grad`` into the fp32 bucket after each backward, so a wrapper must reduce
-        each micro-batch (a skipped reduce could not be caught up; a real DDP model is
-        refused in that case, see below). Also warns once when ``model`` holds BatchNorm
-        layers in training mode.
-
-        A ``DistributedDataParallel`` model turns the accumulator's own all-reduce off (DDP
-        reduces) after checking that DDP can do it right; it raises, before the forward and
-        changing nothing, for bf16/fp16 parameters, ``gradient_as_bucket_view=True``, DDP not
-        covering every parameter, an explicit ``process_group``, or an accumulator that has
-        already reduced a window itself (see the class docstring).
+        A DDP or FSDP2 model takes the reduction over after checking that it can do it right;
+        it raises, before the forward and changing nothing, in the cases the class docstring
+        lists, or when the accumulator has already reduced a window itself.
         """
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib

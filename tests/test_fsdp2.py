@@ -153,10 +153,10 @@ def _install_counters():
     return originals
 
 
-def fsdp_model(mp=None, mesh=None, **kwargs):
+def fsdp_model(mp=None, mesh=None, dtype=torch.float32, **kwargs):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = make_model()
+    model = make_model().to(dtype)
     mp = mp or MixedPrecisionPolicy()
     for layer in (model.l1, model.l2, model.l3):
         fully_shard(layer, mesh=mesh, mp_policy=mp, **kwargs)
@@ -253,6 +253,18 @@ def _bf16(reduce_dtype, mode):
 scenario_bf16_fp32reduce_micro = _bf16(torch.float32, "micro_batch")
 scenario_bf16_fp32reduce_window = _bf16(torch.float32, "window")
 scenario_bf16_bf16reduce_micro = _bf16(torch.bfloat16, "micro_batch")
+
+
+def scenario_bf16_params_micro(rank, world):
+    """bf16 parameters before fully_shard: bf16 sharded grads land in a bf16 bucket, folded
+    into the fp32 one after each backward."""
+    from fusedaccum import GradAccumulator
+
+    model = fsdp_model(dtype=torch.bfloat16)
+    acc = GradAccumulator(model, K, max_norm=MAX_NORM)
+    rec = _train(acc, model, make_opt(model.parameters()), items_plan(world), rank, per_item=True)
+    rec["landing"] = [b.landing is not None and b.landing.dtype == torch.bfloat16 for b in acc.buckets]
+    return rec
 
 
 def scenario_inf_one_rank(rank, world):
@@ -409,7 +421,7 @@ def scenario_refusals(rank, world):
 
 
 def scenario_hsdp(rank, world):
-    """HSDP: a (replicate=2, shard=2) mesh, token-weighted, window mode."""
+    """HSDP: a (replicate=2, shard=2) mesh, token-weighted, micro-batch mode."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from fusedaccum import GradAccumulator
@@ -470,7 +482,7 @@ def launch(tmp_path, world, names, backend="torch", timeout=150):
 
 
 TWO = ["mean_micro", "mean_window", "items_micro", "items_window", "bf16_fp32reduce_micro",
-       "bf16_fp32reduce_window", "bf16_bf16reduce_micro", "inf_one_rank", "clip_grad_norm", "resume", "refusals"]
+       "bf16_fp32reduce_window", "bf16_bf16reduce_micro", "bf16_params_micro", "inf_one_rank", "clip_grad_norm", "resume", "refusals"]
 FOUR = ["mean_micro", "items_window", "hsdp"]
 
 
@@ -591,6 +603,9 @@ def test_mixed_precision_bf16_compute(two):
         assert rel_diff(records[0]["params"][-1], ref) <= 1e-2, name
         torch.testing.assert_close(torch.tensor(records[0]["norms"]), torch.tensor(norms, dtype=torch.float32),
                                    rtol=2e-2, atol=0)
+    records = ok(two["bf16_params_micro"])
+    assert all(rec["landing"] == [True] for rec in records)
+    assert rel_diff(records[0]["params"][-1], ref) <= 1e-2, (rel_diff(records[0]["params"][-1], ref))
     for rec in two["bf16_fp32reduce_micro"]:  # reduce-scattered in fp32, every micro-batch
         assert all(c[2] == "float32" for m in rec["micro"] for c in m if c[0] in RS)
     for rec in two["bf16_bf16reduce_micro"]:
