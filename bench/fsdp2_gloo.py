@@ -1,7 +1,9 @@
 """FSDP2's two window modes beside DDP, with GradAccumulator: gloo on CPU processes (says
 nothing about NCCL on GPUs).
 
-    python bench/fsdp2_gloo.py [--width 1024] [--layers 4] [--world 2] [--json out.json]
+    python bench/fsdp2_gloo.py [--width 1024] [--layers 4] [--world 2] [--json bench/results/fsdp2/gloo-cpu.json]
+
+(Not in bench/results/*.json: that folder's top level holds the fusedaccum bench's tables.)
 
 A model of LAYERS Linear(WIDTH, WIDTH) layers (1024 x 4: 4.2M parameters), each wrapped with
 fully_shard and the root too; K = 4 micro-batches of 32 rows; AdamW; max_norm=1.0. Each setup

@@ -330,7 +330,8 @@ def scenario_resume(rank, world):
     opt, acc = make_opt(model.parameters()), GradAccumulator(model, K, max_norm=MAX_NORM)
     cut = K + 1  # one window and one micro-batch of the next
     run(model, opt, acc, flat[:cut])
-    saved = {"acc": acc.state_dict(), "opt": opt.state_dict(), "model": [p.to_local().clone() for p in model.parameters()]}
+    saved = {"acc": acc.state_dict(), "opt": opt.state_dict(),
+             "model": [p.to_local().clone() for p in model.parameters()]}
     acc.release()
     model = fsdp_model()
     with torch.no_grad():
@@ -482,7 +483,8 @@ def launch(tmp_path, world, names, backend="torch", timeout=150):
 
 
 TWO = ["mean_micro", "mean_window", "items_micro", "items_window", "bf16_fp32reduce_micro",
-       "bf16_fp32reduce_window", "bf16_bf16reduce_micro", "bf16_params_micro", "inf_one_rank", "clip_grad_norm", "resume", "refusals"]
+       "bf16_fp32reduce_window", "bf16_bf16reduce_micro", "bf16_params_micro", "inf_one_rank", "clip_grad_norm",
+       "resume", "refusals"]
 FOUR = ["mean_micro", "items_window", "hsdp"]
 
 
@@ -680,6 +682,23 @@ def test_hsdp_four_ranks(four):
         for calls in rec["step"]:
             gathers = [c for c in calls if c[0] == "all_gather_single"]
             assert len(gathers) == 1
+
+
+
+def test_triton_backend_two_ranks(tmp_path):
+    """Token-weighted windows with clipping through the Triton kernels (interpreter): the norm's
+    partials of the kernels' programs are gathered between their norm and finalize phases."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    records = ok([r["items_micro"] for r in launch(tmp_path, 2, ["items_micro"], backend="triton")])
+    ref, norms = reference(items_plan(2), per_item=True)
+    assert_matches(records, ref, norms)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,9 @@ def check_fsdp2(model, params, process_group, mode: str = "micro_batch") -> None
     if mode not in MODES:
         raise ValueError(f"fsdp_sync must be one of {MODES}, got {mode!r}")
     groups = _param_groups(model)
+    if not groups:
+        raise ValueError(f"the FSDP2 model {type(model).__name__} shards no parameter: call fully_shard on "
+                         "modules that hold parameters (and on the root)")
     fsdp_params = [fp for g in groups for fp in g.fsdp_params]
     managed = {id(fp.sharded_param) for fp in fsdp_params}
     missing = [p for p in params if id(p) not in managed]
