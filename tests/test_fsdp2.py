@@ -278,6 +278,48 @@ def scenario_inf_one_rank(rank, world):
     return rec
 
 
+def scenario_host_reads(rank, world):
+    """What converts a tensor to a host value (a sync on CUDA) in a window with fused AdamW
+    (after its first step), tensor num_items and a scaler, and in clip_grad_norm_."""
+    import fusedaccum
+    from fusedaccum import GradAccumulator, LossScaler
+
+    model = fsdp_model()
+    acc = GradAccumulator(model, K, max_norm=MAX_NORM, scaler=LossScaler())
+    opt = make_opt(model.parameters(), fused=True)
+    plan = items_plan(world)
+
+    def window(w):
+        for x, y in window_data(plan, w)[rank]:
+            with acc.accumulate(model):
+                acc.backward(sum_loss(model, x, y), num_items=torch.tensor(len(x)))
+        return acc.step(opt)
+
+    window(0)  # the optimizer's state now exists: skips are decided on the device
+    reads = {}
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__float__", "__int__", "tolist")}
+
+    def spy(name):
+        def read(self, *args, **kwargs):
+            reads.setdefault(phase, []).append(name)
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, spy(name))
+        phase = "control"
+        torch.ones(()).item()  # the spy sees a read
+        phase = "window"
+        res = window(1)
+        phase = "clip"
+        fusedaccum.clip_grad_norm_(model.parameters(), 0.01)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    return {"reads": reads, "stepped": res is not None}
+
+
 def scenario_clip_grad_norm(rank, world):
     """fusedaccum.clip_grad_norm_ on DTensor grads in buckets vs torch's on the same grads."""
     import fusedaccum
@@ -484,7 +526,7 @@ def launch(tmp_path, world, names, backend="torch", timeout=150):
 
 TWO = ["mean_micro", "mean_window", "items_micro", "items_window", "bf16_fp32reduce_micro",
        "bf16_fp32reduce_window", "bf16_bf16reduce_micro", "bf16_params_micro", "inf_one_rank", "clip_grad_norm",
-       "resume", "refusals"]
+       "host_reads", "resume", "refusals"]
 FOUR = ["mean_micro", "items_window", "hsdp"]
 
 
@@ -640,6 +682,13 @@ def test_clip_grad_norm_matches_torch_on_dtensor_grads(two):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
             assert max_diff(r["ours"], [g.double() for g in r["unclipped"]]) > 1e-3  # it clipped
             assert [c[0] for c in r["calls"]] == ["all_gather_single"], (rank, norm_type, r["calls"])
+
+
+def test_no_host_reads_on_the_step_path(two):
+    """Backward, step (fused AdamW with state, a scaler, tensor num_items) and clip_grad_norm_
+    over FSDP2 shards: no tensor is read on the host."""
+    for rec in ok(two["host_reads"]):
+        assert rec["stepped"] and rec["reads"] == {"control": ["item"]}
 
 
 def test_resume_mid_window_is_bit_identical(two):
