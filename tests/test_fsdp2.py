@@ -4,8 +4,9 @@ one float64 process on all the data.
 As in test_distributed.py: each launch starts one worker per rank (this file run as a
 script; rendezvous through a FileStore, no ports), which runs every scenario in turn over one
 process group and saves what it saw with ``torch.save``; the tests compare those records with
-a float64 large-batch reference computed here. Two launches serve every test: 2 ranks (most
-scenarios) and 4 ranks (uneven and empty shards, HSDP on a 2x2 mesh).
+a float64 large-batch reference computed here. Two launches serve most tests: 2 ranks (most
+scenarios) and 4 ranks (uneven and empty shards, HSDP on a 2x2 mesh); a third (2 ranks) runs
+through the Triton kernels.
 
 The model has three Linear layers, each wrapped with ``fully_shard``, and the root too: 3
 FSDP parameter groups, so 3 reduce-scatters per synchronising backward. Its rows (8, 13, 3)
@@ -176,7 +177,8 @@ AG_PER_MICRO = 2 * GROUPS  # FSDP2's parameter all-gathers: each group in the fo
 
 
 def _train(acc, model, opt, plan, rank, per_item, *, shown=True, sync_partial=True, inject=None):
-    rec = {"micro": [], "step": [], "norms": [], "found_inf": [], "num_items": [], "params": [], "scale": []}
+    rec = {"micro": [], "step": [], "norms": [], "found_inf": [], "num_items": [], "params": [], "scale": [],
+           "local_numels": [p.to_local().numel() for p in acc.params]}
     for w in range(len(plan)):
         micro = window_data(plan, w)[rank]
         forced = any(len(sizes) < K for sizes in plan[w])
@@ -601,6 +603,10 @@ def test_equals_one_process(two, four, world, mode):
         if per_item:
             totals = [float(sum(sum(r) for r in plan[w])) for w in range(len(plan))]
             assert all(rec["num_items"] == totals for rec in runs[n])  # global over the ranks
+        numels = [rec["local_numels"] for rec in runs[n]]
+        assert [sum(col) for col in zip(*numels)] == [p.numel() for p in make_model().parameters()]
+        if world == 4:
+            assert 0 in numels[3]  # the last layer's 3 rows leave rank 3 an empty shard
 
 
 @pytest.mark.parametrize("world", [2, 4])
