@@ -756,6 +756,29 @@ def test_triton_backend_two_ranks(tmp_path):
     assert_matches(records, ref, norms)
 
 
+
+def test_single_rank_in_process(tmp_path):
+    """World size 1 (e.g. one GPU with NCCL; here gloo): no gather hook, FSDP2 divides by
+    nothing, the weights of the float64 reference."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group yet")
+    from fusedaccum import GradAccumulator
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = fsdp_model()
+        acc = GradAccumulator(model, K, max_norm=MAX_NORM)
+        assert acc._engine.reduce_partials is None
+        rec = _train(acc, model, make_opt(model.parameters()), items_plan(1), 0, per_item=True)
+        ref, norms = reference(items_plan(1), per_item=True)
+        assert_matches([rec], ref, norms)
+        acc.release()
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     rank, world, rdzv, out_dir, names = sys.argv[1:6]
     worker(int(rank), int(world), rdzv, out_dir, names.split(","))
