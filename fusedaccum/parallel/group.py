@@ -71,7 +71,7 @@ class Auto(Engine):
         return self._current().reduce(accums, window, force, device)
 
     def __repr__(self) -> str:
-        return f"Auto({self._current()!r})"
+        return f"Auto({self._fixed!r})" if self._fixed is not None else "Auto()"  # no side effect
 
 
 def select(process_group, options=None) -> Engine:
