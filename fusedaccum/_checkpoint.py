@@ -17,6 +17,7 @@ def save_state(acc) -> dict:
         raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
                            "step(optimizer) again to finish the window before saving")
     win = acc._win
+    acc._engine.check_saveable(win)
     mid_window = win.micro > 0
     return {
         "version": _STATE_VERSION,

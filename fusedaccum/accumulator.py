@@ -93,12 +93,16 @@ class GradAccumulator:
         accum_dtype: the accumulation dtype; only ``torch.float32`` is supported.
         process_group: who all-reduces the gradients across data-parallel ranks (see below).
             None (default): the default group when torch.distributed is initialized with
-            world size > 1 and no DistributedDataParallel model has been shown to this
-            accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
+            world size > 1 and no DistributedDataParallel or FSDP2 model has been shown to
+            this accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
             communicate (the parameters are not data-parallel).
         noise_scale: False (default), True, or a ``NoiseScaleSettings`` (smoothing, an
             ``AdaptiveSteps`` policy): the gradient noise statistics of every window in
             ``StepResult.noise_scale`` (docs/signals.md). Needs ``norm_type=2``.
+        fsdp_sync: with an FSDP2 model, when FSDP2 reduce-scatters: ``"micro_batch"``
+            (default: after every micro-batch; only sharded gradients are held) or
+            ``"window"`` (``accumulate`` turns the sync off on all but the last micro-batch:
+            one reduce-scatter per window, unsharded fp32 gradients held across it).
 
     Usage::
 
@@ -123,38 +127,37 @@ class GradAccumulator:
     A parameter belongs to one GradAccumulator at a time: building a second one over the
     same parameters raises until ``release()`` is called on the first.
 
-    Data parallel (run the same loop on every rank, each on its share of the data):
+    Data parallel (run the same loop on every rank, each on its share of the data; one
+    engine of ``fusedaccum.parallel`` reduces, exactly once; docs/data-parallel.md, docs/fsdp2.md):
 
-    - no DDP wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
+    - no wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
       ``world_size * micro_batches`` (or by the global item count, itself all-reduced).
       Nothing is communicated during the micro-batches. Broadcast the initial weights
       first (``fusedaccum.broadcast_parameters(model)``), as DDP's constructor would.
-    - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
+    - ``DistributedDataParallel`` over fp32 parameters, shown to the accumulator
       (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
-      ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
-      the accumulator communicates only the count vector (item count, loss, statistics). A partial
-      window closed by ``step(force=True)`` ran its last micro-batch under ``no_sync()``
-      (``accumulate`` cannot know it was the last): ``step`` all-reduces its buckets then.
-      Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
-      (DDP would reduce every micro-batch), with ``gradient_as_bucket_view=True`` (DDP would
-      take ``param.grad`` away from the buckets), or not covering all the parameters.
+      ``no_sync()`` on all but the last micro-batch): DDP reduces once per window; the
+      accumulator communicates only its count vector (item count, loss, statistics),
+      and the buckets of a forced partial window whose last micro-batch ran under ``no_sync()``.
+      Refused, saying what to do instead: bf16/fp16 parameters, ``gradient_as_bucket_view=True``,
+      DDP not covering all the parameters, an explicit ``process_group``.
+    - FSDP2 (``fully_shard``), shown likewise: the buckets hold this rank's shards and FSDP2
+      reduce-scatters into them (``fsdp_sync``); at ``step`` one all-gather of the norm's
+      partials makes the norm global (plus the item count). Every rank runs as many
+      micro-batches (FSDP2's forward all-gathers). Refused: FSDP1, CPU offload, a
+      ``process_group`` other than the mesh's.
 
-    One reducer only: a DDP model shown to the accumulator turns its own reduction off; a
-    DDP model with an explicit ``process_group`` (or False) raises, and so does a DDP model
-    shown only after the accumulator has already reduced a window itself. The accumulator
-    cannot see a DDP wrapper it is never shown: that model gets no ``no_sync``, DDP
-    averages every micro-batch's running sum and the accumulator sums once more, which is
-    still the right gradient (both are linear, and averaging equal values changes nothing)
-    but K+1 all-reduces per window instead of one; show the model.
-    ``step(force=True)`` is exact when the partial window's length differs across ranks: it
-    all-reduces the micro-batch count too. The calls are collectives: every rank needs at
-    least one micro-batch per window and must call ``step`` alike (same ``force``,
-    ``num_items`` on all ranks or on none).
+    A wrapper never shown gets no ``no_sync``: DDP then averages every micro-batch and the
+    accumulator sums once more (still right, K+1 all-reduces per window); sharded
+    parameters without their FSDP2 model raise at the first ``backward``. The calls are
+    collectives: every rank needs at least one micro-batch per window and must call
+    ``step`` alike (same ``force``, ``num_items`` on all ranks or on none).
     """
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
-                 accum_dtype: torch.dtype = torch.float32, process_group=None, noise_scale=False):
+                 accum_dtype: torch.dtype = torch.float32, process_group=None, noise_scale=False,
+                 fsdp_sync: str = "micro_batch"):
         # Validate everything (the engine's checks too) before the buckets re-point any param.grad.
         accumulation_steps, max_norm, norm_type = _validate.check_args(accumulation_steps, max_norm, norm_type,
                                                                        scaler)
@@ -164,7 +167,8 @@ class GradAccumulator:
                              "(the default) with noise_scale")
         module, params = _validate.check_params(params)
         self._engine = engine_for(process_group, module,
-                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad])
+                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
+                                  {"fsdp_sync": fsdp_sync, "noise_scale": noise_settings is not None})
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
         self._k = accumulation_steps
@@ -247,25 +251,22 @@ class GradAccumulator:
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
     def accumulate(self, model, *, sync: "bool | None" = None):
-        """Context for the forward and backward of one micro-batch.
+        """Context for the forward and backward of one micro-batch; what it enters is the
+        engine's (``fusedaccum.parallel``).
 
-        When ``model`` has ``no_sync()`` (DDP), it is entered on all but the last micro-batch
-        of a window, so gradients are all-reduced once per window; otherwise nothing is done.
-        ``sync=True`` forces DDP's all-reduce on this micro-batch (optional on the last
-        micro-batch of a partial window: without it, ``step(force=True)`` all-reduces the
-        window's buckets itself over DDP's group).
+        A model with ``no_sync()`` (DDP) runs all but the window's last micro-batch under it,
+        so gradients are all-reduced once per window (only when every parameter is fp32:
+        bf16/fp16 gradients leave ``param.grad`` after each backward, so a wrapper must
+        reduce each micro-batch). An FSDP2 model with ``fsdp_sync="window"`` gets
+        ``set_requires_gradient_sync(False)`` likewise; with ``"micro_batch"``, nothing.
+        ``sync=True`` forces the reduction on this micro-batch: for the last micro-batch of a
+        partial window (needed under FSDP2's window mode; under DDP, ``step(force=True)``
+        all-reduces the buckets itself otherwise). Also warns once when ``model`` holds
+        BatchNorm layers in training mode.
 
-        no_sync is used only when every parameter is fp32: bf16/fp16 gradients move from
-        ``param.grad`` into the fp32 bucket after each backward, so a wrapper must reduce
-        each micro-batch (a skipped reduce could not be caught up; a real DDP model is
-        refused in that case, see below). Also warns once when ``model`` holds BatchNorm
-        layers in training mode.
-
-        A ``DistributedDataParallel`` model turns the accumulator's own all-reduce off (DDP
-        reduces) after checking that DDP can do it right; it raises, before the forward and
-        changing nothing, for bf16/fp16 parameters, ``gradient_as_bucket_view=True``, DDP not
-        covering every parameter, an explicit ``process_group``, or an accumulator that has
-        already reduced a window itself (see the class docstring).
+        A DDP or FSDP2 model takes the reduction over after checking that it can do it right;
+        it raises, before the forward and changing nothing, in the cases the class docstring
+        lists, or when the accumulator has already reduced a window itself.
         """
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
@@ -310,6 +311,7 @@ class GradAccumulator:
         if first:
             if self._module is not None:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
+            self._engine.start_window(self.buckets)
             self._start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
@@ -442,10 +444,9 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
-        hook = self._engine.reduce_partials
         scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self._outs, **({} if hook is None else {"reduce_partials": hook}))
+                                    out=self._outs, reduce_partials=self._engine.reduce_partials)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
         sums = self._signals.loss.total(self.device).reshape(1) if lean else win.signals[:4]
         micro = win.micro if lean else win.signals[4]

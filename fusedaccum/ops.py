@@ -278,9 +278,17 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     it; the fused norm does not, so the two differ within one bf16 rounding of that part.
     ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
     gradients are then left unscaled when it raises.
+    FSDP2 (DTensor) gradients whose local shards tile flat buffers (a ``GradAccumulator``'s):
+    the same passes over the local shards, with one all-gather of the norm's partials over
+    the shard group between them; the norm comes back as a replicated DTensor, as torch's.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    if grads and torch.distributed.is_available():
+        from . import _dtensor
+
+        if any(_dtensor.is_dtensor(g) for g in grads):  # FSDP2 shards: their norm is gathered
+            return _dtensor.clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach)
     buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
     dtypes = {g.dtype for g in grads}
     if buffers is None or torch.float16 in dtypes:

@@ -120,6 +120,8 @@ class Engine:
 
     #: the ``process_group`` argument the engine was built from (None: chosen automatically)
     process_group = None
+    #: the accumulator's engine options (``fsdp_sync``), handed to a wrapper's engine
+    options: dict = {}
 
     def adopt(self, model, params) -> "Engine":
         """The engine after ``model`` was shown; raises (changing nothing) when it cannot be.
@@ -134,8 +136,20 @@ class Engine:
     def hand_over(self, cls, model, params) -> "Engine":
         """Give the window to ``cls``'s engine for the wrapper ``model``. ``cls.check`` refuses
         when this engine was built with an explicit ``process_group`` (two owners)."""
-        cls.check(model, params, self.process_group)
-        return cls(model)
+        cls.check(model, params, self.process_group, self.options)
+        return cls(model, self.options)
+
+    def start_window(self, buckets) -> None:
+        """A window's first micro-batch is about to run (before its backward)."""
+        if buckets.sharded:
+            raise RuntimeError(
+                "this GradAccumulator's parameters are DTensors (FSDP2 shards) but no FSDP2 model was shown to "
+                "it: nothing would make their norm global, and a process-group all-reduce would add different "
+                "shards together. Build GradAccumulator(fsdp_model, ...) or run each micro-batch in "
+                "accumulate(fsdp_model)")
+
+    def check_saveable(self, window: Window) -> None:
+        """``state_dict()`` mid-window: raise if the buckets do not hold the whole window."""
 
     @contextlib.contextmanager
     def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):

@@ -69,9 +69,13 @@ class DDP(Engine):
     """DDP's mean all-reduce in the window's last backward; the count at the step."""
 
     wraps = staticmethod(is_ddp)
-    check = staticmethod(check_ddp)
 
-    def __init__(self, ddp):
+    @staticmethod
+    def check(model, params, process_group, options=None) -> None:
+        check_ddp(model, params, process_group)
+
+    def __init__(self, ddp, options=None):
+        self.options = dict(options or {})
         self.group = getattr(ddp, "process_group", None)
         self.world_size = dist().get_world_size(self.group)
         self._checked = weakref.WeakSet([ddp])  # the DDP models already checked
@@ -80,6 +84,7 @@ class DDP(Engine):
         if model in self._checked:
             return self
         if cls is not DDP:
+            cls.check(model, params, None, self.options)
             raise ValueError(f"a {type(model).__name__} model after a DistributedDataParallel one: one "
                              "GradAccumulator follows one data-parallel engine")
         check_ddp(model, params, None)

@@ -66,29 +66,32 @@ class Auto(Engine):
         return Local(None)  # not fixed: torch.distributed may be initialized, a wrapper shown, later
 
     def hand_over(self, cls, model, params) -> Engine:
-        cls.check(model, params, None)
+        cls.check(model, params, None, self.options)
         if self._fixed is not None:
             raise RuntimeError(
                 "this GradAccumulator has already all-reduced its own gradients (process_group=None chose "
                 "the default group at its first step, when no data-parallel wrapper had been shown to it); "
                 f"with a {type(model).__name__} model now, both would reduce. Show the wrapper model from the "
                 "start: GradAccumulator(model, ...), or accumulate(model) on every micro-batch")
-        return cls(model)
+        return cls(model, self.options)
 
     def reduce(self, accums, window: Window, force: bool, device):
         return self._current().reduce(accums, window, force, device)
 
     def __repr__(self) -> str:
-        return f"Auto({self._current()!r})"
+        return f"Auto({self._fixed!r})" if self._fixed is not None else "Auto()"  # no side effect
 
 
-def select(process_group) -> Engine:
+def select(process_group, options=None) -> Engine:
     """The engine for a ``process_group`` argument, before any wrapper model is shown."""
     if process_group is False:
-        return Local(False)
-    if process_group is None:
-        return Auto()
-    return Group(process_group, dist().get_world_size(process_group))
+        engine = Local(False)
+    elif process_group is None:
+        engine = Auto()
+    else:
+        engine = Group(process_group, dist().get_world_size(process_group))
+    engine.options = dict(options or {})
+    return engine
 
 
 @torch.no_grad()
