@@ -107,6 +107,9 @@ def make_opt(params, fused=False):
     return torch.optim.AdamW(params, lr=5e-2, weight_decay=1e-2, **({"fused": True} if fused else {}))
 
 
+LOSSES = {}  # reference() -> the large-batch loss of each window, keyed by (plan, per_item)
+
+
 def reference(plan, per_item, max_norm=MAX_NORM, skip=()):
     """float64, one process, one AdamW step per window over all ranks' rows."""
     model = make_model().double()
@@ -120,6 +123,7 @@ def reference(plan, per_item, max_norm=MAX_NORM, skip=()):
         y = torch.cat([y for micro in parts for _, y in micro])
         opt.zero_grad()
         loss = (sum_loss(model, x, y) / len(x)) if per_item else mean_loss(model, x, y)
+        LOSSES.setdefault((str(plan), per_item), []).append(loss.item())
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
         opt.step()
@@ -177,7 +181,7 @@ AG_PER_MICRO = 2 * GROUPS  # FSDP2's parameter all-gathers: each group in the fo
 
 
 def _train(acc, model, opt, plan, rank, per_item, *, shown=True, sync_partial=True, inject=None):
-    rec = {"micro": [], "step": [], "norms": [], "found_inf": [], "num_items": [], "params": [], "scale": [],
+    rec = {"micro": [], "step": [], "norms": [], "loss": [], "found_inf": [], "num_items": [], "params": [], "scale": [],
            "local_numels": [p.to_local().numel() for p in acc.params]}
     for w in range(len(plan)):
         micro = window_data(plan, w)[rank]
@@ -199,6 +203,7 @@ def _train(acc, model, opt, plan, rank, per_item, *, shown=True, sync_partial=Tr
         res = acc.step(opt, force=forced)
         rec["step"].append(CALLS[before:])
         rec["norms"].append(float(res.total_norm))
+        rec["loss"].append(float(res.loss))
         rec["found_inf"].append(float(res.found_inf))
         rec["num_items"].append(None if res.num_items is None else float(res.num_items))
         rec["params"].append(full_params(model))
@@ -427,6 +432,7 @@ def scenario_refusals(rank, world):
     catch("group_other", lambda: GradAccumulator(model, K, process_group=sub))
     catch("group_world", lambda: GradAccumulator(model, K, process_group=dist.group.WORLD).release())
     catch("bad_mode", lambda: GradAccumulator(model, K, fsdp_sync="sometimes"))
+    catch("noise_scale", lambda: GradAccumulator(model, K, noise_scale=True))
 
     # Sharded parameters but no FSDP2 model shown: refused before the first backward.
     acc = GradAccumulator(model.parameters(), K)
@@ -597,9 +603,14 @@ def test_equals_one_process(two, four, world, mode):
     for n in name:
         per_item = n.startswith("items")
         plan = items_plan(world) if per_item else mean_plan(world)
+        LOSSES.clear()
         ref, norms = reference(plan, per_item)
         assert min(norms) > 2 * MAX_NORM  # clipping is active in every window
         assert_matches(ok(runs[n]), ref, norms)
+        # StepResult.loss: the window's large-batch loss, global over the ranks, the same on each.
+        losses = LOSSES[str(plan), per_item]
+        for rec in ok(runs[n]):
+            assert rec["loss"] == pytest.approx(losses, rel=1e-6)
         if per_item:
             totals = [float(sum(sum(r) for r in plan[w])) for w in range(len(plan))]
             assert all(rec["num_items"] == totals for rec in runs[n])  # global over the ranks
@@ -613,10 +624,11 @@ def test_equals_one_process(two, four, world, mode):
 def test_collectives_per_window(two, four, world):
     """Micro-batch mode: FSDP2's 3 reduce-scatters per micro-batch; window mode: 3 per window,
     on its last micro-batch. Ours, at the step only: one all_gather_single of the norm's
-    partials, and one all_reduce of the fp64 item count with num_items or a forced window."""
+    partials, and one all_reduce of the fp64 count vector (the item count, the window's loss,
+    the noise statistics: docs/signals.md), which the window's global loss needs at every step."""
     runs = two if world == 2 else four
     gather = ("all_gather_single", "all_gather_into_tensor")
-    count = ("all_reduce", 1, "float64")
+    count = ("all_reduce", 6, "float64")
     for name in ("mean_micro", "items_window") + (("mean_window", "items_micro") if world == 2 else ()):
         plan = items_plan(world) if name.startswith("items") else mean_plan(world)
         for rank, rec in enumerate(ok(runs[name])):
@@ -630,8 +642,7 @@ def test_collectives_per_window(two, four, world):
                 expected = [GROUPS if k == n - 1 else 0 for n in lengths for k in range(n)]
                 assert [rs_count(c) for c in rec["micro"]] == expected
             for w, calls in enumerate(rec["step"]):
-                forced = any(len(s) < K for s in plan[w])
-                expected_ours = ([count] if name.startswith("items") or forced else [])
+                expected_ours = [count]
                 assert [c for c in calls if c[0] == "all_reduce"] == expected_ours
                 assert [c[0] for c in calls if c[0] in gather] == ["all_gather_single"]
                 assert len(calls) == len(expected_ours) + 1  # nothing else
@@ -717,6 +728,7 @@ def test_refusals_are_clear_and_change_nothing(two):
     assert out["group_other"].startswith("ValueError") and "contradicts" in out["group_other"]
     assert out["group_world"] is None  # the mesh's own group is no contradiction
     assert out["bad_mode"].startswith("ValueError") and "fsdp_sync" in out["bad_mode"]
+    assert out["noise_scale"].startswith("ValueError") and "noise_scale=False" in out["noise_scale"]
     assert out["unshown"].startswith("RuntimeError") and "accumulate(fsdp_model)" in out["unshown"]
     assert out["unshown_untouched"]
     assert out["not_covered"].startswith("ValueError") and "(3,)" in out["not_covered"]
