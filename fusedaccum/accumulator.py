@@ -120,38 +120,17 @@ class GradAccumulator:
     ``num_items`` (int or 0-d device tensor) on every micro-batch; the window is then
     normalized by its total items, the full-batch per-item mean.
 
-    ``optimizer.zero_grad()`` is not needed (each window starts from zero by itself) but
-    harmless between windows, and with ``set_to_none=True`` (the default) also within one,
-    including right before ``step`` as in a hand-written loop.
-    Never ``zero_grad(set_to_none=False)`` inside a window: for fp32 parameters it erases the sum.
-    A parameter belongs to one GradAccumulator at a time: building a second one over the
-    same parameters raises until ``release()`` is called on the first.
+    ``optimizer.zero_grad()`` is not needed; with ``set_to_none=True`` (the default) it is
+    harmless anywhere. The misuses that would corrupt a window (``loss.backward()``,
+    ``optimizer.step()`` or ``zero_grad(set_to_none=False)`` inside it) raise before a step
+    uses it (docs/guide.md, "Misuses"). A parameter belongs to one GradAccumulator at a time.
 
-    Data parallel (run the same loop on every rank, each on its share of the data; one
-    engine of ``fusedaccum.parallel`` reduces, exactly once; docs/data-parallel.md, docs/fsdp2.md):
-
-    - no wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
-      ``world_size * micro_batches`` (or by the global item count, itself all-reduced).
-      Nothing is communicated during the micro-batches. Broadcast the initial weights
-      first (``fusedaccum.broadcast_parameters(model)``), as DDP's constructor would.
-    - ``DistributedDataParallel`` over fp32 parameters, shown to the accumulator
-      (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
-      ``no_sync()`` on all but the last micro-batch): DDP reduces once per window; the
-      accumulator communicates only its count vector (item count, loss, statistics),
-      and the buckets of a forced partial window whose last micro-batch ran under ``no_sync()``.
-      Refused, saying what to do instead: bf16/fp16 parameters, ``gradient_as_bucket_view=True``,
-      DDP not covering all the parameters, an explicit ``process_group``.
-    - FSDP2 (``fully_shard``), shown likewise: the buckets hold this rank's shards and FSDP2
-      reduce-scatters into them (``fsdp_sync``); at ``step`` one all-gather of the norm's
-      partials makes the norm global (plus the item count). Every rank runs as many
-      micro-batches (FSDP2's forward all-gathers). Refused: FSDP1, CPU offload, a
-      ``process_group`` other than the mesh's.
-
-    A wrapper never shown gets no ``no_sync``: DDP then averages every micro-batch and the
-    accumulator sums once more (still right, K+1 all-reduces per window); sharded
-    parameters without their FSDP2 model raise at the first ``backward``. The calls are
-    collectives: every rank needs at least one micro-batch per window and must call
-    ``step`` alike (same ``force``, ``num_items`` on all ranks or on none).
+    Data parallel: run the same loop on every rank; exactly one engine of
+    ``fusedaccum.parallel`` reduces, once per window: the accumulator itself (no wrapper),
+    ``DistributedDataParallel`` or FSDP2 (``fully_shard``) shown to it as the model or
+    through ``accumulate``. What is communicated when, and what is refused:
+    docs/data-parallel.md and docs/fsdp2.md. ``backward`` and ``step`` are then collectives:
+    every rank calls them alike.
     """
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
@@ -386,12 +365,8 @@ class GradAccumulator:
         skipped as on overflow (``found_inf`` = 1; a scaler backs off), with a warning when
         the count is a host number.
 
-        Data parallel, without DDP: before the fused pass, one ``all_reduce(SUM)`` per
-        bucket, plus one of a 6-element fp64 vector on the device (the window's count, loss
-        and noise-scale sums, micro-batches: docs/signals.md); under DDP only that vector, unless the window's last
-        micro-batch ran under ``no_sync()`` (a partial window closed with ``force=True``):
-        then the buckets too, over DDP's group. All launched at once (``async_op=True``),
-        then waited on. A collective: call it on every rank alike.
+        Data parallel: the engine's collectives (docs/data-parallel.md) run right before the
+        fused pass, launched asynchronously and waited on. A collective: call it on every rank.
         """
         self._guard.check("acc.step()")
         if self._processed is None:
