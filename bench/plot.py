@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from fusedaccum.benchmark import markdown, write_plot
+from fusedaccum.bench.plot import write_plot
+from fusedaccum.bench.report import markdown
 
 
 def main(argv) -> int:

@@ -2,7 +2,7 @@
 
 from .accumulator import GradAccumulator, StepResult
 from .buckets import Bucket, GradBuckets
-from .distributed import broadcast_parameters
+from .parallel import broadcast_parameters
 from .ops import accumulate_, clip_grad_norm_, unscale_clip_
 from .scaler import LossScaler
 

@@ -17,9 +17,9 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="throughput against the copy ceiling and PyTorch's path", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        from .benchmark import main as bench_main
+        from .bench import cli as bench_cli
 
-        return bench_main(rest)
+        return bench_cli.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "demo":

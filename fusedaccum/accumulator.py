@@ -24,34 +24,26 @@ Bucket life cycle (``b`` one ``GradBuckets`` bucket):
 The only host sync on the step path is ``found_inf.item()`` for optimizers without the
 fused AMP contract (one per optimizer step); see ``GradAccumulator.step``.
 
-Data parallel (``fusedaccum.distributed``): exactly one party all-reduces the window, once
-per step. Without a DDP wrapper the accumulator does, in ``step`` right before the fused
-pass: ``all_reduce(SUM)`` of every ``b.accum`` (async, all launched, then waited on), and
-the normalizer becomes global (``world_size * micro_batches``, or the all-reduced item
-count), so ``coef``, the norm and ``found_inf`` are those of the global gradient on every
-rank: all ranks skip or step together with no collective for the decision. Under DDP
-(fp32 parameters only) DDP's mean all-reduce of the window happens in the last backward
-(``no_sync`` before), and the multiplier becomes ``world_size / global_items``.
+Data parallel: the accumulator asks its engine (``fusedaccum.parallel``, one object per
+engine: none, process group, DDP) what a micro-batch runs in, what the step reduces before
+the norm and how the normalizer becomes global; it holds no engine-specific branch.
 """
 
 import contextlib
 import math
 import numbers
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import distributed as _dist
+from . import _checkpoint, _optim, _validate
 from .buckets import GradBuckets
-from .ops import CLIP_EPS, _norm_order, _unscale_clip_stats, accumulate_
+from .ops import CLIP_EPS, _unscale_clip_stats, accumulate_
+from .parallel import Window, engine_for
 from .scaler import LossScaler
 
 __all__ = ["GradAccumulator", "StepResult"]
-
-_STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -72,20 +64,6 @@ class StepResult:
     found_inf: torch.Tensor
     micro_batches: int
     num_items: "int | float | torch.Tensor | None"
-
-
-def _state_survives_device_skip(optimizer) -> bool:
-    """Whether a step that a fused optimizer skips on the device leaves its state as it was.
-
-    A fused optimizer creates a parameter's state in the first step that sees its gradient,
-    and SGD(fused=True, momentum != 0) creates momentum buffers uninitialised (empty_like):
-    a skipped step would leave garbage that the next step reads (torch.amp.GradScaler has
-    the same hole). So every parameter with a gradient must already have its state; until
-    then, the caller syncs instead. SGD keeps no state without momentum, and needs none."""
-    sgd = isinstance(optimizer, torch.optim.SGD)
-    return all(optimizer.state.get(p) or p.grad is None
-               for group in optimizer.param_groups if not (sgd and group.get("momentum", 0) == 0)
-               for p in group["params"])
 
 
 class GradAccumulator:
@@ -162,35 +140,15 @@ class GradAccumulator:
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
                  accum_dtype: torch.dtype = torch.float32, process_group=None):
-        # Validate everything before the buckets re-point any param.grad.
-        if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
-                or accumulation_steps < 1):
-            raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
-        if max_norm is not None:
-            if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
-                raise ValueError(f"max_norm must be a number >= 0 or None, got {max_norm!r}")
-            max_norm = float(max_norm)
-        norm_type = _norm_order(norm_type)
-        if scaler is not None and not isinstance(scaler, LossScaler):
-            raise TypeError(f"scaler must be a fusedaccum.LossScaler or None, got {type(scaler).__name__} "
-                            "(a torch.amp.GradScaler's state_dict() loads into a LossScaler)")
-        module = params if isinstance(params, torch.nn.Module) else None
-        if module is not None:
-            params = module.parameters()
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        params = list(params)
-        devices = {p.device for p in params if isinstance(p, torch.Tensor) and p.requires_grad}
-        if len(devices) > 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}: "
-                             "the global norm and the skip decision are taken on one device")
-        _dist.check_process_group(process_group)
-        if module is not None and _dist.is_ddp(module):
-            _dist.check_ddp(module, [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
-                            process_group)
+        # Validate everything (the engine's checks too) before the buckets re-point any param.grad.
+        accumulation_steps, max_norm, norm_type = _validate.check_args(accumulation_steps, max_norm, norm_type,
+                                                                       scaler)
+        module, params = _validate.check_params(params)
+        self._engine = engine_for(process_group, module,
+                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad])
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
-        self.accumulation_steps = int(accumulation_steps)
+        self.accumulation_steps = accumulation_steps
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.scaler = scaler
@@ -203,32 +161,18 @@ class GradAccumulator:
             b.accum if b.landing is None else b.landing for b in self.buckets]
         self._lowp = [b for b in self.buckets if b.landing is not None]
         self._optimizers_checked: dict = {}
-        self._bn_warned = False
-        self._bn_layers = weakref.WeakKeyDictionary()  # model -> its BatchNorm layers
-        self._process_group = process_group
-        # Who all-reduces: _ddp_comm once a DDP model has been shown; else _comm, fixed at the
-        # first step that reduces (an auto "nobody" stays open: a DDP model may still come).
-        self._ddp_comm: "_dist.Comm | None" = None
-        self._comm: "_dist.Comm | None" = None
-        self._ddp_checked = weakref.WeakSet()  # the DDP models already checked
-        if module is not None and _dist.is_ddp(module):
-            self._ddp_checked.add(module)
-            self._ddp_comm = _dist.ddp_comm(module)
+        self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._reset_window()
 
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
-        self._micro = 0  # micro-batches accumulated in this window (host int: no sync)
-        self._items_given: "bool | None" = None  # whether num_items came with this window's micro-batches
-        self._items_host = 0  # Python-number part of the window's items
-        self._items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
-        self._unsynced = False  # last backward ran under DDP no_sync
+        self._win = Window()
         self._processed = None  # (stats, items) once step() closed the window and the optimizer has not run
 
     @property
     def micro_batches(self) -> int:
         """Micro-batches accumulated in the current window."""
-        return self._micro
+        return self._win.micro
 
     @property
     def params(self) -> list:
@@ -236,72 +180,6 @@ class GradAccumulator:
 
     def _scale_active(self) -> bool:
         return self.scaler is not None and self.scaler.is_enabled()
-
-    # ------------------------------------------------------------------ checks
-    def _check_items(self, num_items):
-        """Validate num_items for the next micro-batch; return (host_part, device_part)."""
-        given = num_items is not None
-        if self._micro > 0 and given != self._items_given:
-            had = "with" if self._items_given else "without"
-            raise ValueError(
-                f"num_items must be given on every micro-batch of a window or on none: micro-batches 1.."
-                f"{self._micro} of this window came {had} num_items, micro-batch {self._micro + 1} "
-                f"{'with' if given else 'without'}")
-        if not given:
-            return 0, None
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
-                raise ValueError(f"num_items must be a one-element real tensor, got shape "
-                                 f"{tuple(num_items.shape)} dtype {num_items.dtype}")
-            if num_items.device.type == "cpu" and self.device.type != "cpu":
-                return self._check_host_items(num_items.item()), None  # a host tensor: no device sync
-            if num_items.device != self.device:
-                raise ValueError(f"num_items is on {num_items.device}, the parameters on {self.device}")
-            # Not checked for > 0: that would read the device. A window of 0 items gives a
-            # non-finite gradient, found_inf, and a skipped step.
-            # A copy: the caller may reuse (and refill) its counter tensor.
-            return 0, num_items.detach().reshape(()).to(torch.float64, copy=True)
-        return self._check_host_items(num_items), None
-
-    @staticmethod
-    def _check_host_items(n):
-        if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
-            raise ValueError(f"num_items must be a number >= 0 or a one-element tensor, got {n!r}")
-        return n
-
-    def _check_optimizer(self, optimizer) -> None:
-        if not callable(getattr(optimizer, "step", None)) or not hasattr(optimizer, "param_groups"):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        groups = optimizer.param_groups
-        signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
-        if self._optimizers_checked.get(id(optimizer)) == signature:
-            return
-        for gi, g in enumerate(groups):
-            for pi, p in enumerate(g["params"]):
-                if p.requires_grad and id(p) not in self._param_ids:
-                    raise ValueError(
-                        f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, {p.dtype}) "
-                        "is not managed by this GradAccumulator: its gradient would be neither accumulated "
-                        "nor normalized; build the GradAccumulator over the same parameters")
-        self._optimizers_checked[id(optimizer)] = signature
-
-    def _warn_batchnorm(self, model, stacklevel: int) -> None:
-        if self._bn_warned or self.accumulation_steps == 1 or not isinstance(model, torch.nn.Module):
-            return
-        # The module walk once per model; the training flags on every call (a layer may be
-        # switched to train mode at any time).
-        if model not in self._bn_layers:
-            self._bn_layers[model] = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-        for name, m in self._bn_layers[model]:
-            if m.training:
-                self._bn_warned = True
-                warnings.warn(
-                    f"{type(m).__name__} layer {name or '(root)'!r} is in training mode: with gradient "
-                    f"accumulation its batch statistics (and running statistics) come from each "
-                    f"micro-batch, not from the window of {self.accumulation_steps}, so training differs "
-                    "from one large batch. Consider GroupNorm/LayerNorm, or BatchNorm in eval mode.",
-                    UserWarning, stacklevel=stacklevel + 1)
-                return
 
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
@@ -326,36 +204,12 @@ class GradAccumulator:
         covering every parameter, an explicit ``process_group``, or an accumulator that has
         already reduced a window itself (see the class docstring).
         """
-        if _dist.is_ddp(model) and model not in self._ddp_checked:
-            self._adopt_ddp(model)
-        self._warn_batchnorm(model, stacklevel=3)  # the user's with-statement, through contextlib
-        no_sync = getattr(model, "no_sync", None)
-        last = self._micro + 1 >= self.accumulation_steps
-        if sync is None:
-            sync = last
-        if sync or not callable(no_sync) or self._lowp:
+        self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
+        self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
+        last = self._win.micro + 1 >= self.accumulation_steps
+        with self._engine.micro_batch(model, self._win, sync=last if sync is None else sync,
+                                      lowp=bool(self._lowp)):
             yield
-            self._unsynced = False
-            return
-        with no_sync():
-            yield
-        self._unsynced = True
-
-    def _adopt_ddp(self, ddp) -> None:
-        """DDP all-reduces from now on: check it can, then turn the accumulator's reduction off."""
-        _dist.check_ddp(ddp, self.buckets.params, self._process_group)
-        if self._comm is not None and self._comm.reduces_grads:
-            raise RuntimeError(
-                "this GradAccumulator has already all-reduced its own gradients (process_group=None chose "
-                "the default group at its first step, when no DistributedDataParallel model had been shown "
-                "to it); with a DDP model now, both would reduce. Show the DDP model from the start: "
-                "GradAccumulator(ddp_model, ...), or accumulate(ddp_model) on every micro-batch")
-        comm = _dist.ddp_comm(ddp)
-        if self._ddp_comm is not None and self._ddp_comm != comm:
-            raise ValueError("a second DistributedDataParallel model with another process group: one "
-                             "GradAccumulator follows one DDP model")
-        self._ddp_comm = comm
-        self._ddp_checked.add(ddp)
 
     def backward(self, loss: torch.Tensor, num_items=None) -> None:
         """Backward of one micro-batch's ``loss``, folded into the window's buckets.
@@ -377,15 +231,16 @@ class GradAccumulator:
         if self._processed is not None:
             raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
                                "step(optimizer) again to finish the window before the next backward")
-        if self._micro >= self.accumulation_steps:
+        win = self._win
+        if win.micro >= self.accumulation_steps:
             raise RuntimeError(f"this window already holds accumulation_steps={self.accumulation_steps} "
                                "micro-batches: call step(optimizer) before the next backward")
-        host_items, dev_items = self._check_items(num_items)
+        host_items, dev_items = _validate.check_items(num_items, win, self.device)
 
-        first = self._micro == 0
+        first = win.micro == 0
         if first:
             if self._module is not None:
-                self._warn_batchnorm(self._module, stacklevel=2)  # the user's backward() call
+                self._bn.check(self._module, stacklevel=2)  # the user's backward() call
             self._start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
@@ -397,11 +252,11 @@ class GradAccumulator:
             # micro-batch accum is overwritten, not read: that is the window's reset.
             accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first)
 
-        self._micro += 1
-        self._items_given = num_items is not None
-        self._items_host += host_items
+        win.micro += 1
+        win.items_given = num_items is not None
+        win.items_host += host_items
         if dev_items is not None:
-            self._items_dev = dev_items if self._items_dev is None else self._items_dev + dev_items
+            win.items_dev = dev_items if win.items_dev is None else win.items_dev + dev_items
 
     @torch.no_grad()
     def _start_window(self) -> None:
@@ -413,33 +268,6 @@ class GradAccumulator:
                 b.landing.zero_()  # accum is reset lazily by overwrite=True
 
     # ------------------------------------------------------------------ step
-    def _resolve_comm(self) -> "_dist.Comm":
-        """Who all-reduces this window (see the class docstring)."""
-        if self._ddp_comm is not None:
-            return self._ddp_comm
-        if self._comm is None:
-            comm = _dist.resolve(self._process_group)
-            if comm.kind == "local" and self._process_group is None:
-                return comm  # not fixed: torch.distributed may be initialized, a DDP model shown, later
-            self._comm = comm
-        return self._comm
-
-    def _normalizer(self, comm: "_dist.Comm", force: bool):
-        """The window's normalizer, global over the ranks: (host number or 0-d fp64 device
-        tensor, work handles to wait on). Launches the count's all-reduce when it can differ
-        between ranks (num_items, or a forced partial window); no host sync."""
-        host = self._items_host if self._items_given else self._micro
-        dev = self._items_dev if self._items_given else None
-        if not comm.communicates:
-            return (host if dev is None else dev + host), []
-        if not (self._items_given or force):
-            # Every rank closes a full window of accumulation_steps micro-batch means.
-            return host * comm.world_size, []
-        count = torch.full((1,), host, dtype=torch.float64, device=self.device)
-        if dev is not None:
-            count += dev
-        return count.reshape(()), _dist.all_reduce_async([count], comm.group)
-
     def _inv_scale(self, denom):
         """1 / (loss_scale * denom): a float, or a 0-d fp32 device tensor (no sync)."""
         scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
@@ -485,89 +313,44 @@ class GradAccumulator:
         then waited on. A collective: call it on every rank alike.
         """
         if self._processed is None:
-            if self._micro == 0:
+            if self._win.micro == 0:
                 if force:
                     raise RuntimeError("step(force=True) with nothing accumulated: call backward() at least "
                                        "once in this window first")
                 return None
-            if self._micro < self.accumulation_steps and not force:
+            if self._win.micro < self.accumulation_steps and not force:
                 return None
-            self._check_optimizer(optimizer)
+            _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
             self._processed = self._close_window(force)
         else:
-            self._check_optimizer(optimizer)
+            _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
         stats, items = self._processed
         total_norm, found_inf = stats[0], stats[1]
         # If the optimizer raises, the window stays closed and processed: a retry steps with
         # the same gradient instead of normalizing and clipping it a second time.
-        self._optimizer_step(optimizer, found_inf)
+        _optim.optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf)
-        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._micro, num_items=items)
+        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._win.micro,
+                            num_items=items)
         self._reset_window()
         return result
 
     def _close_window(self, force: bool):
-        """All-reduce (data parallel), then the fused unscale/norm/clip pass into param.grad.
+        """The engine's reductions, then the fused unscale/norm/clip pass into param.grad.
         Returns (stats, the window's item count for the result)."""
-        comm = self._resolve_comm()
-        if self._unsynced and comm.kind != "ddp":
-            raise RuntimeError(
-                "the last micro-batch of this window ran under model.no_sync() of a model that is not a "
-                "DistributedDataParallel shown to this GradAccumulator, so nobody all-reduced the window's "
-                "gradients; use accumulate(model, sync=True) on the last micro-batch of a partial window")
-        # Under DDP, a last micro-batch run under no_sync() (a partial window closed by
-        # force=True: accumulate() cannot know it is the last) was reduced by nobody: reduce
-        # the window's sums here instead, over DDP's group, and normalize as the accumulator's
-        # own reduction does.
-        reduce_here = comm.reduces_grads or (self._unsynced and comm.communicates)
-        if self._items_given and self._items_dev is None and self._items_host == 0 and not comm.communicates:
-            warnings.warn(f"the window's {self._micro} micro-batches hold 0 items in total (num_items): there is "
-                          "no gradient to normalize, so the step is skipped as on overflow (found_inf = 1)",
-                          RuntimeWarning, stacklevel=3)
-
-        # Data parallel: the count (tiny, needed first) and then every bucket, all in flight at
-        # once; waiting makes the fused pass below see the global sums (on CUDA/NCCL wait()
-        # orders the streams, the host does not block).
-        denom, works = self._normalizer(comm, force)
-        if reduce_here:
-            works += _dist.all_reduce_async(self._accums, comm.group)
-        for work in works:
-            work.wait()
-        global_items = denom if self._items_given and comm.communicates else None
-        if comm.kind == "ddp" and comm.communicates and not reduce_here:
-            # DDP averaged the sums over the ranks: multiply by world_size / global count.
-            denom = denom / comm.world_size if isinstance(denom, torch.Tensor) else self._micro
+        denom, items = self._engine.reduce(self._accums, self._win, force, self.device)
+        if isinstance(denom, numbers.Real) and denom == 0:
+            warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
+                          "there is no gradient to normalize, so the step is skipped as on overflow "
+                          "(found_inf = 1)", RuntimeWarning, stacklevel=3)
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
+        hook = self._engine.reduce_partials
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self._outs)
-        return stats, (self._window_items() if global_items is None else global_items)
-
-    def _window_items(self):
-        if not self._items_given:
-            return None
-        if self._items_dev is None:
-            return self._items_host
-        return self._items_dev + self._items_host
-
-    @staticmethod
-    def _optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
-        if (getattr(optimizer, "_step_supports_amp_scaling", False) and not _takes_grad_scaler(optimizer)
-                and _state_survives_device_skip(optimizer)):
-            # torch.amp.GradScaler's contract for fused optimizers: the gradients are already
-            # unscaled (grad_scale None); found_inf makes the kernel skip the update, and
-            # undo its step count, on the device.
-            optimizer.grad_scale = None
-            optimizer.found_inf = found_inf
-            try:
-                optimizer.step()
-            finally:
-                del optimizer.grad_scale
-                del optimizer.found_inf
-        elif not found_inf.item():  # the one host sync per optimizer step, documented in step()
-            optimizer.step()
+                                    out=self._outs, **({} if hook is None else {"reduce_partials": hook}))
+        return stats, items
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -577,76 +360,11 @@ class GradAccumulator:
         continues bit-identically. Reads the scaler's scale on the host (one sync).
         Data parallel: mid-window the sums are this rank's own (not yet all-reduced), so
         every rank saves and loads its own state dict."""
-        if self._processed is not None:
-            raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
-                               "step(optimizer) again to finish the window before saving")
-        mid_window = self._micro > 0
-        return {
-            "version": _STATE_VERSION,
-            "accumulation_steps": self.accumulation_steps,
-            "micro_batches": self._micro,
-            "items_given": self._items_given,
-            "items_host": self._items_host,
-            "items_device": None if self._items_dev is None else self._items_dev.clone(),
-            "bucket_layout": [(str(b.dtype), b.numel) for b in self.buckets],
-            # Mid-window the fp32 sums are the whole state (landing buffers are zero then);
-            # between windows the buckets are reset before the next window accumulates.
-            "buckets": [b.accum.clone() for b in self.buckets] if mid_window else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-        }
+        return _checkpoint.save_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore ``state_dict()``'s window and scaler; every check runs before anything changes."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        required = ("version", "micro_batches", "items_given", "items_host", "items_device", "bucket_layout",
-                    "buckets", "scaler")
-        missing = [k for k in required if k not in state_dict]
-        if missing:
-            raise KeyError(f"GradAccumulator state dict lacks {missing}")
-        if state_dict["version"] != _STATE_VERSION:
-            raise ValueError(f"GradAccumulator state dict version {state_dict['version']!r}; "
-                             f"this fusedaccum reads version {_STATE_VERSION}")
-        layout = [(str(b.dtype), b.numel) for b in self.buckets]
-        saved_layout = [tuple(x) for x in state_dict["bucket_layout"]]
-        if saved_layout != layout:
-            raise ValueError(f"the state dict's buckets {saved_layout} do not match this GradAccumulator's "
-                             f"{layout} (different parameters?)")
-        micro = state_dict["micro_batches"]
-        if (isinstance(micro, bool) or not isinstance(micro, numbers.Integral)
-                or not 0 <= micro <= self.accumulation_steps):
-            raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{self.accumulation_steps}")
-        buckets = state_dict["buckets"]
-        if micro > 0:
-            if buckets is None or len(buckets) != len(layout):
-                raise ValueError("the state dict holds a partial window but not its bucket contents")
-            for i, (t, b) in enumerate(zip(buckets, self.buckets)):
-                if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1
-                        or t.numel() != b.numel):
-                    raise ValueError(f"state dict bucket {i} is not a 1-D fp32 tensor of {b.numel} elements")
-        if (state_dict["scaler"] is None) != (self.scaler is None):
-            raise ValueError("the state dict was saved " + ("with" if self.scaler is None else "without") +
-                             " a scaler but this GradAccumulator has " + ("none" if self.scaler is None else "one"))
-        items_dev = state_dict["items_device"]
-        if items_dev is not None and (not isinstance(items_dev, torch.Tensor) or items_dev.numel() != 1):
-            raise ValueError("items_device in the state dict must be None or a one-element tensor")
-        if state_dict["items_given"] not in (None, True, False):
-            raise ValueError(f"items_given={state_dict['items_given']!r} in the state dict; expected a bool or None")
-        self._check_host_items(state_dict["items_host"])
-
-        if self.scaler is not None:
-            self.scaler.load_state_dict(state_dict["scaler"])  # validates before it changes anything
-        self._reset_window()
-        with torch.no_grad():
-            if micro > 0:
-                for t, b in zip(buckets, self.buckets):
-                    b.accum.copy_(t)
-                    if b.landing is not None:
-                        b.landing.zero_()
-        self._micro = int(micro)
-        self._items_given = state_dict["items_given"] if micro > 0 else None
-        self._items_host = state_dict["items_host"]
-        self._items_dev = None if items_dev is None else items_dev.to(self.device, torch.float64).reshape(())
+        _checkpoint.load_state(self, state_dict, _validate.check_host_items)
 
     def release(self) -> None:
         """Give the parameters up (``GradBuckets.release``), e.g. before building another
@@ -655,22 +373,5 @@ class GradAccumulator:
 
     def __repr__(self) -> str:
         return (f"GradAccumulator(accumulation_steps={self.accumulation_steps}, max_norm={self.max_norm}, "
-                f"norm_type={self.norm_type}, scaler={self.scaler!r}, micro_batches={self._micro}, "
+                f"norm_type={self.norm_type}, scaler={self.scaler!r}, micro_batches={self._win.micro}, "
                 f"{self.buckets!r})")
-
-
-_GRAD_SCALER_KWARG: dict = {}
-
-
-def _takes_grad_scaler(optimizer) -> bool:
-    """Optimizers with the older ``step(grad_scaler=...)`` contract expect a GradScaler object;
-    they get the synchronous path instead."""
-    cls = type(optimizer)
-    if cls not in _GRAD_SCALER_KWARG:
-        import inspect
-
-        try:
-            _GRAD_SCALER_KWARG[cls] = "grad_scaler" in inspect.signature(optimizer.step).parameters
-        except (TypeError, ValueError):
-            _GRAD_SCALER_KWARG[cls] = False
-    return _GRAD_SCALER_KWARG[cls]

@@ -29,7 +29,12 @@ from torch import nn
 from . import _backend
 from .accumulator import GradAccumulator
 
+# In the directory the demo runs from, where the user finds it; .gitignore names it, so a run
+# in the checkout leaves nothing untracked.
 DEFAULT_OUT = "fusedaccum-demo.png"
+# The package is not on PyPI: its extras come from a clone (or ./dev, which installs them).
+EXTRAS_HINT = ("in a git clone, `./dev demo` installs it, or `pip install -e \".[demo]\"` in your own environment; "
+               "without a clone, `pip install \"fusedaccum[demo] @ git+<repository URL>\"`")
 MAX_NORM = 1.0
 
 
@@ -37,7 +42,7 @@ def _load_digits(device, seed):
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise SystemExit(f"the demo needs scikit-learn ({exc}); pip install 'fusedaccum[demo]'") from None
+        raise SystemExit(f"the demo needs scikit-learn ({exc}): {EXTRAS_HINT}") from None
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
@@ -303,7 +308,7 @@ def _plot(curves, drift, labels, out, epochs):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise SystemExit(f"the demo needs matplotlib ({exc}); pip install 'fusedaccum[demo]'") from None
+        raise SystemExit(f"the demo needs matplotlib ({exc}): {EXTRAS_HINT}") from None
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)  # no pyplot, no global backend state
     ax_loss, ax_drift = fig.subplots(1, 2)
@@ -338,7 +343,7 @@ def add_arguments(parser):
                         help="micro-batches per window, K (default 8)")
     parser.add_argument("--window", type=int, default=128, help="images per optimizer step (default 128)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to save the plot (default ./{DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to save the plot, relative to the current directory (default ./{DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
 
 

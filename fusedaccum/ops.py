@@ -97,8 +97,15 @@ def _as_list(tensors, name: str) -> list:
 
 @torch.no_grad()
 def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
-                        out=None, skip_if_nonfinite=True) -> torch.Tensor:
-    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor."""
+                        out=None, skip_if_nonfinite=True, reduce_partials=None) -> torch.Tensor:
+    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor.
+
+    It runs in three phases of the backend: ``norm_partials`` (one read pass: a small fp32
+    tensor whose last dim holds one slot per program or bucket), ``finalize`` (the stats) and
+    ``apply`` (one read-write pass). ``reduce_partials``, a callable ``partials -> partials``,
+    runs between the first two: concatenating the partials of several ranks along the last
+    dim (``torch.cat(..., -1)`` of an ``all_gather``) makes the stats those of the union of
+    all ranks' buckets (sharded gradients). It must keep the device and the number of rows."""
     buckets = _as_list(buckets, "buckets")
     if not buckets:
         raise ValueError("buckets is empty")
@@ -143,8 +150,22 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     inv = _scalar(inv_scale, "inv_scale", device)
-    return _backend.implementation(device).unscale_clip_(
-        flat, inv, max_norm, p, eps, out=out, skip_if_nonfinite=skip_if_nonfinite)
+    if reduce_partials is not None and not callable(reduce_partials):
+        raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
+    impl = _backend.implementation(device)
+    partials = impl.norm_partials(flat, inv, p)
+    if reduce_partials is not None:
+        reduced = reduce_partials(partials)
+        if (not isinstance(reduced, torch.Tensor) or reduced.dtype != partials.dtype
+                or reduced.device != partials.device or reduced.shape[:-1] != partials.shape[:-1]):
+            raise ValueError(f"reduce_partials must return a {partials.dtype} tensor on {partials.device} of shape "
+                             f"{tuple(partials.shape[:-1])} + (slots,), got "
+                             + (f"{reduced.dtype} {tuple(reduced.shape)} on {reduced.device}"
+                                if isinstance(reduced, torch.Tensor) else type(reduced).__name__))
+        partials = reduced
+    stats = impl.finalize(partials, inv, max_norm, p, eps)
+    impl.apply(flat, stats, out, bool(skip_if_nonfinite))
+    return stats
 
 
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):

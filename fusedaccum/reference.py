@@ -74,50 +74,77 @@ def accumulate_(
     return acc
 
 
-def unscale_clip_(
-    buckets: "list[torch.Tensor]",
-    inv_scale: "float | torch.Tensor",
-    max_norm: "float | None",
-    norm_type: float,
-    eps: float,
-    *,
-    out: "list[torch.Tensor] | None",
-    skip_if_nonfinite: bool,
-) -> torch.Tensor:
-    """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef]``."""
+def _inv(inv_scale, device) -> torch.Tensor:
+    # full(), not as_tensor(): a Python number becomes a fill on the device, not a copy from
+    # the host (which the CUDA sync checker counts).
+    return (inv_scale.to(torch.float32) if isinstance(inv_scale, torch.Tensor)
+            else torch.full((), inv_scale, dtype=torch.float32, device=device))
+
+
+def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float) -> torch.Tensor:
+    """Phase 1, one read pass: the fp32 partials ``[2, num_slots]``, one slot per non-empty
+    bucket: row 0 its Σ|x|^p (max|x| for inf), row 1 its non-finite code of ``x * inv_scale``
+    (0 finite, 1 inf, 2 NaN). Slots fold by concatenation along the last dim."""
     device = buckets[0].device
-    # One read pass: ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied
-    # (the Triton kernels also sum the raw values and multiply by |inv| at the end). An
-    # inf/NaN element makes the norm inf/NaN, so the norm doubles as the non-finite check;
-    # a fp32 sum of |x|^p of the raw values that overflows counts as non-finite too.
-    parts = [part for b in buckets for part in _partial_norms(b, norm_type)]
-    if not parts:
+    inv = _inv(inv_scale, device)
+    slots = []
+    for b in buckets:
+        if b.numel() == 0:
+            continue
+        # ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied (the Triton
+        # kernels also sum the raw values and multiply by |inv| at the end). An inf/NaN
+        # element makes the row norm inf/NaN, so the norm doubles as the non-finite check.
+        rows = torch.cat(_partial_norms(b, norm_type))
+        if math.isinf(norm_type):
+            part = rows.max()
+        else:
+            # Σ|x|^p folded in fp64 and rounded to fp32, as the Triton finalize does.
+            part = rows.double().pow(norm_type).sum().float()
+        y = rows.max() * inv.abs()  # non-finite iff some x * inv is (or the row norm overflowed)
+        code = torch.where(rows.isnan().any() | y.isnan(), 2.0, torch.where(torch.isinf(y), 1.0, 0.0))
+        slots.append(torch.stack([part, code.float()]))
+    if not slots:
+        return torch.zeros(2, 0, dtype=torch.float32, device=device)
+    return torch.stack(slots, dim=1)
+
+
+def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",
+             norm_type: float, eps: float) -> torch.Tensor:
+    """Phase 2: the fp32 ``stats`` ``[total_norm, found_inf, coef]`` from the partials."""
+    device = partials.device
+    part, code = partials[0], partials[1]
+    if part.numel() == 0:
         raw = torch.zeros((), device=device)
     elif math.isinf(norm_type):
-        raw = torch.cat(parts).max()
+        raw = part.max()
     else:
-        # Σ|x|^p folded in fp64 and rounded to fp32 before the root, as the Triton finalize
-        # does: the sum overflows (found_inf) at the same point in both backends, whatever
-        # the pieces. A row's fp32 norm is inf only if its own fp32 sum overflowed.
-        total = torch.cat(parts).double().pow(norm_type).sum().float()
+        # Folded in fp64, rounded to fp32 before the root: the sum overflows (found_inf) at
+        # the same point in both backends, whatever the pieces.
+        total = part.double().sum().float()
         if norm_type == 1.0:
             raw = total
         elif norm_type == 2.0:
             raw = total.sqrt()
         else:
             raw = total.pow(1.0 / norm_type)
-    # full(), not as_tensor(): a Python number becomes a fill on the device, not a copy from
-    # the host (which the CUDA sync checker counts).
-    inv = (inv_scale.to(torch.float32) if isinstance(inv_scale, torch.Tensor)
-           else torch.full((), inv_scale, dtype=torch.float32, device=device))
+    inv = _inv(inv_scale, device)
     norm = raw * inv.abs()
-    found_inf = (~torch.isfinite(norm)).to(torch.float32)
+    worst = code.max() if code.numel() else torch.zeros((), device=device)
+    norm = torch.where(worst == 2.0, float("nan"), norm)
+    found_inf = ((worst > 0) | ~torch.isfinite(norm)).to(torch.float32)
     if max_norm is None:
         coef = inv.clone()
     else:
         coef = inv * torch.clamp(max_norm / (norm + eps), max=1.0)
-    stats = torch.stack([norm, found_inf, coef])
-    skip = found_inf > 0
+    return torch.stack([norm, found_inf, coef])
+
+
+def apply(buckets: "list[torch.Tensor]", stats: torch.Tensor, out: "list[torch.Tensor] | None",
+          skip_if_nonfinite: bool) -> None:
+    """Phase 3, one read-write pass: ``dst = bucket * stats[2]``, kept as it was on the device
+    when ``stats[1]`` (found_inf) is set and ``skip_if_nonfinite``."""
+    coef = stats[2]
+    skip = stats[1] > 0
     for i, b in enumerate(buckets):
         dst = b if out is None else out[i]
         if not skip_if_nonfinite:
@@ -133,4 +160,19 @@ def unscale_clip_(
             # Rounding to bf16/fp16 canonicalises NaN, and dst may be another tensor: select.
             for piece in _pieces(b):
                 torch.where(skip, dst[piece], (b[piece] * coef).to(dst.dtype), out=dst[piece])
+
+
+def unscale_clip_(
+    buckets: "list[torch.Tensor]",
+    inv_scale: "float | torch.Tensor",
+    max_norm: "float | None",
+    norm_type: float,
+    eps: float,
+    *,
+    out: "list[torch.Tensor] | None",
+    skip_if_nonfinite: bool,
+) -> torch.Tensor:
+    """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef]``."""
+    stats = finalize(norm_partials(buckets, inv_scale, norm_type), inv_scale, max_norm, norm_type, eps)
+    apply(buckets, stats, out, skip_if_nonfinite)
     return stats

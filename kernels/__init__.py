@@ -3,6 +3,6 @@ the backend is chosen in ``fusedaccum``; each launch helper has the signature of
 matching function in ``fusedaccum.reference``."""
 
 from .accumulate import accumulate_
-from .unscale_clip import unscale_clip_
+from .unscale_clip import apply, finalize, norm_partials, unscale_clip_
 
-__all__ = ["accumulate_", "unscale_clip_"]
+__all__ = ["accumulate_", "apply", "finalize", "norm_partials", "unscale_clip_"]

@@ -1,11 +1,12 @@
-"""Unscale + inf/NaN check + global norm + clip over flat buckets, in three launches:
+"""Unscale + inf/NaN check + global norm + clip over flat buckets, in three phases, each a
+launch helper with the signature of its twin in ``fusedaccum.reference``:
 
-1. ``norm_partials_kernel`` (one launch per bucket, one read pass): each program writes the
+1. ``norm_partials`` -> ``norm_partials_kernel`` (one launch per bucket, one read pass): each program writes the
    partial norm of its share of the bucket and a non-finite code of ``bucket * inv_scale``
    into fixed slots.
-2. ``finalize_kernel`` (one program): folds the slots into the total norm (times
+2. ``finalize`` -> ``finalize_kernel`` (one program): folds the slots into the total norm (times
    ``|inv_scale|``), the found-inf flag and the multiplier ``coef = inv_scale * min(1, max_norm / (norm + eps))``.
-3. ``apply_kernel`` (one launch per bucket, one read-write pass): ``dst = src * coef``,
+3. ``apply`` -> ``apply_kernel`` (one launch per bucket, one read-write pass): ``dst = src * coef``,
    masked off entirely on the device when a non-finite value was found.
 
 Fixed slots instead of float atomics make the norm bitwise reproducible; the device-side
@@ -182,6 +183,92 @@ def apply_kernel(
             _apply_tile(src_ptr, dst_ptr, offs, limit, coef, False)
 
 
+def _inv_args(inv_scale, like: torch.Tensor):
+    """(pointer, value, from_ptr) for a float or a one-element fp32 tensor ``inv_scale``."""
+    if isinstance(inv_scale, torch.Tensor):
+        return inv_scale, 0.0, True
+    return like, float(inv_scale), False  # an unused pointer when the scale is a float
+
+
+def _grids(buckets, max_programs):
+    return [grid_for(b.numel(), max_programs) if b.numel() else (0, 0) for b in buckets]
+
+
+def norm_partials(
+    buckets: "list[torch.Tensor]",
+    inv_scale: "float | torch.Tensor",
+    norm_type: float,
+    *,
+    max_programs: int = MAX_PROGRAMS,
+) -> torch.Tensor:
+    """Phase 1, one read pass: the fp32 partials ``[2, num_slots]`` (one slot per program).
+    Slots fold by concatenation: ``finalize`` of ``torch.cat([a, b], -1)`` is the result over
+    the buckets of both ``a`` and ``b`` (how sharded gradients get a global norm)."""
+    device = buckets[0].device
+    kind = norm_kind(norm_type)
+    p = 0.0 if kind == NORM_INF else float(norm_type)
+    inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, buckets[0])
+    grids = _grids(buckets, max_programs)
+    num_slots = sum(programs for programs, _ in grids)
+    partials = torch.empty(2, num_slots, dtype=torch.float32, device=device)
+    slot_base = 0
+    for b, (programs, tiles) in zip(buckets, grids):
+        if programs == 0:
+            continue
+        # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
+        norm_partials_kernel[(programs,)](
+            b, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
+            INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+        slot_base += programs
+    return partials
+
+
+def finalize(
+    partials: torch.Tensor,
+    inv_scale: "float | torch.Tensor",
+    max_norm: "float | None",
+    norm_type: float,
+    eps: float,
+) -> torch.Tensor:
+    """Phase 2, one program: the fp32 ``stats`` ``[total_norm, found_inf, coef]``."""
+    kind = norm_kind(norm_type)
+    p = 0.0 if kind == NORM_INF else float(norm_type)
+    if partials.shape[-1] == 0:
+        partials = torch.zeros(2, 1, dtype=torch.float32, device=partials.device)  # no elements: a zero slot
+    partials = partials.contiguous()
+    stats = torch.empty(3, dtype=torch.float32, device=partials.device)
+    inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, stats)
+    # Grid: a single program folds all slots.
+    finalize_kernel[(1,)](
+        partials, partials.shape[-1], stats, inv_ptr, inv_value,
+        0.0 if max_norm is None else float(max_norm), float(eps), p,
+        INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, HAS_MAX_NORM=max_norm is not None,
+        BLOCK=FINALIZE_BLOCK, num_warps=4,
+    )
+    return stats
+
+
+def apply(
+    buckets: "list[torch.Tensor]",
+    stats: torch.Tensor,
+    out: "list[torch.Tensor] | None",
+    skip_if_nonfinite: bool,
+    *,
+    max_programs: int = MAX_PROGRAMS,
+) -> None:
+    """Phase 3, one read-write pass per bucket: ``dst = bucket * stats[2]``, skipped on the
+    device when ``stats[1]`` (found_inf) is set and ``skip_if_nonfinite``."""
+    for i, (b, (programs, tiles)) in enumerate(zip(buckets, _grids(buckets, max_programs))):
+        if programs == 0:
+            continue
+        # Grid: as in norm_partials; each program walks its tiles grid-stride.
+        apply_kernel[(programs,)](
+            b, b if out is None else out[i], stats, b.numel(), tiles,
+            SKIP_IF_NONFINITE=skip_if_nonfinite, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )
+
+
 def unscale_clip_(
     buckets: "list[torch.Tensor]",
     inv_scale: "float | torch.Tensor",
@@ -195,40 +282,7 @@ def unscale_clip_(
 ) -> torch.Tensor:
     """Launch helper; inputs are validated by ``fusedaccum.ops``. Returns the fp32 ``stats``
     tensor ``[total_norm, found_inf, coef]`` on the buckets' device."""
-    device = buckets[0].device
-    kind = norm_kind(norm_type)
-    p = 0.0 if kind == NORM_INF else float(norm_type)
-    inv_from_ptr = isinstance(inv_scale, torch.Tensor)
-    inv_ptr = inv_scale if inv_from_ptr else buckets[0]  # unused pointer when the scale is a float
-    inv_value = 0.0 if inv_from_ptr else float(inv_scale)
-
-    grids = [grid_for(b.numel(), max_programs) if b.numel() else (0, 0) for b in buckets]
-    num_slots = sum(programs for programs, _ in grids)
-    partials = torch.empty(2 * max(num_slots, 1), dtype=torch.float32, device=device)
-    stats = torch.empty(3, dtype=torch.float32, device=device)
-
-    slot_base = 0
-    for b, (programs, tiles) in zip(buckets, grids):
-        if programs == 0:
-            continue
-        # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
-        norm_partials_kernel[(programs,)](
-            b, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
-            INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
-        slot_base += programs
-    # Grid: a single program folds all slots.
-    finalize_kernel[(1,)](
-        partials, num_slots, stats, inv_ptr, inv_value,
-        0.0 if max_norm is None else float(max_norm), float(eps), p,
-        INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, HAS_MAX_NORM=max_norm is not None,
-        BLOCK=FINALIZE_BLOCK, num_warps=4,
-    )
-    for i, (b, (programs, tiles)) in enumerate(zip(buckets, grids)):
-        if programs == 0:
-            continue
-        apply_kernel[(programs,)](
-            b, b if out is None else out[i], stats, b.numel(), tiles,
-            SKIP_IF_NONFINITE=skip_if_nonfinite, BLOCK=BLOCK, num_warps=NUM_WARPS,
-        )
+    partials = norm_partials(buckets, inv_scale, norm_type, max_programs=max_programs)
+    stats = finalize(partials, inv_scale, max_norm, norm_type, eps)
+    apply(buckets, stats, out, skip_if_nonfinite, max_programs=max_programs)
     return stats

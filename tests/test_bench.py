@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from fusedaccum import __main__ as cli
-from fusedaccum import _backend, benchmark
+from fusedaccum import _backend
+from fusedaccum.bench import cases, cli as bench_cli, layouts, machine, profiling, report, targets, timing
+from fusedaccum.bench import workloads
 
 ROW_FIELDS = {"op", "impl", "layout", "tensors", "size", "dtype", "bytes", "bytes_per_elem", "bytes_note",
               "median_s", "quantiles", "gbps", "frac_copy", "syncs"}
@@ -30,7 +32,7 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
     assert cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "reference path" in printed and "/" in printed  # the progress counter [i/total]
-    slug = benchmark.slugify(benchmark.device_name(torch.device("cpu")), torch.device("cpu"))
+    slug = machine.slugify(machine.device_name(torch.device("cpu")), torch.device("cpu"))
     data = json.loads((tmp_path / f"{slug}.json").read_text())
     assert (tmp_path / f"{slug}.md").read_text().startswith("# fusedaccum bench")
     try:
@@ -55,7 +57,7 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
     ops = {r["op"] for r in rows}
     assert {"copy", "accumulate_ bf16->fp32", "accumulate_ fp32->fp32", "accumulate_ bf16->fp32 zero_grad",
             "norm pass fp32", "unscale_clip_ fp32", "clip_grad_norm_ fp32"} <= ops
-    if hasattr(benchmark.fusedaccum, "GradAccumulator"):
+    if hasattr(cases.fusedaccum, "GradAccumulator"):
         assert any(r["op"].startswith("window step") for r in rows)
     # Every fused row has a copy of the same bytes and a speed-up over each baseline of its group.
     for r in rows:
@@ -72,12 +74,12 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
 
 
 def test_gpt2_small_layout():
-    shapes = benchmark.GPT2_SMALL
+    shapes = layouts.GPT2_SMALL
     assert len(shapes) == 148
     assert sum(math.prod(s) for s in shapes) == 124_439_808  # GPT2LMHeadModel, lm_head tied
-    assert len(benchmark.LIST_LAYOUTS["list-496"]) == 496
+    assert len(layouts.LIST_LAYOUTS["list-496"]) == 496
     for n in (10**4, 10**6 + 3):
-        sizes = benchmark.split_sizes(shapes, n)
+        sizes = layouts.split_sizes(shapes, n)
         assert sum(sizes) == n and min(sizes) >= 1 and len(sizes) == 148
 
 
@@ -94,7 +96,7 @@ def test_norm_pass_matches_float64(backend_name, monkeypatch):
             pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported")
     monkeypatch.setenv(_backend.ENV_VAR, backend_name)
     x = torch.randn(3 * 4096 + 17, generator=torch.Generator().manual_seed(0))
-    run, total_norm = benchmark.norm_pass(x, torch.ones(()))  # inv = 1, as in the bench
+    run, total_norm = workloads.norm_pass(x, torch.ones(()))  # inv = 1, as in the bench
     run()
     assert float(total_norm()) == pytest.approx(float(x.double().norm()), rel=1e-5)
 
@@ -111,7 +113,7 @@ def test_gpu_timer_branches(monkeypatch):
         return [1.0, 2.0, 3.0] if quantiles else 2.0
 
     monkeypatch.setattr(triton_testing, "do_bench", with_quantiles)
-    got = benchmark.Timer(torch.device("cuda"), quick=True)(lambda: None)
+    got = timing.Timer(torch.device("cuda"), quick=True)(lambda: None)
     assert got["median_s"] == 2e-3 and got["quantiles"]["p20"] == 1e-3 and got["quantiles"]["p80"] == 3e-3 and calls[-1][0] == [0.2, 0.5, 0.8]
 
     def without_quantiles(fn, warmup, rep, return_mode="mean"):
@@ -119,7 +121,7 @@ def test_gpu_timer_branches(monkeypatch):
         return 4.0
 
     monkeypatch.setattr(triton_testing, "do_bench", without_quantiles)
-    got = benchmark.Timer(torch.device("cuda"), quick=True)(lambda: None)
+    got = timing.Timer(torch.device("cuda"), quick=True)(lambda: None)
     assert got["median_s"] == 4e-3 and calls[-1] == (None, "median")
 
 
@@ -146,23 +148,23 @@ def test_gpu_targets_and_report(tmp_path):
             "versions": {"torch": "t", "triton": "3.6", "fusedaccum": "0", "python": "3"},
             "date": "today", "command": "python -m fusedaccum bench", "timing": "do_bench", "sizes": [n]}
     results = {"meta": meta, "rows": rows}
-    got = {t["target"].split(" at ")[0].split(" >= ")[0]: t["met"] for t in benchmark.targets(results)}
+    got = {t["target"].split(" at ")[0].split(" >= ")[0]: t["met"] for t in targets.targets(results)}
     assert got == {"GPU: accumulate_ bf16->fp32": True, "GPU: norm pass fp32": False,
                    "GPU: unscale_clip_ moves <= 12 B/el": True, "GPU: unscale_clip_": True,
                    "GPU: zero host syncs per step (every fusedaccum row)": False}
-    results["targets"] = benchmark.targets(results)
-    paths = benchmark.write_outputs(results, tmp_path)
+    results["targets"] = targets.targets(results)
+    paths = report.write_outputs(results, tmp_path)
     md = paths["md"].read_text()
     assert "Test GPU" in md and "| 2.00x |" in md and "**no**" in md and "copy: dst.copy_(src)" in md
     assert json.loads(paths["json"].read_text())["meta"]["device"]["slug"] == "test-gpu"
 
 
 def test_sync_count_is_na_on_cpu():
-    assert benchmark.count_syncs(lambda: None, torch.device("cpu")) == "n/a (cpu)"
+    assert timing.count_syncs(lambda: None, torch.device("cpu")) == "n/a (cpu)"
 
 
 def test_profile_window_cpu(reference_backend):
-    text = benchmark.profile_window(torch.device("cpu"), 10**4, k=2, row_limit=5)
+    text = profiling.profile_window(torch.device("cpu"), 10**4, k=2, row_limit=5)
     assert "one window step" in text and "# of Calls" in text and "torch: backward loop" in text
 
 
@@ -173,10 +175,10 @@ def test_cli_forwards_bench_arguments(monkeypatch):
         seen.append(argv)
         return 0
 
-    monkeypatch.setattr(benchmark, "main", fake_main)
+    monkeypatch.setattr(bench_cli, "main", fake_main)
     assert cli.main(["bench", "--quick", "--sizes", "1e4", "--out", "x"]) == 0
     assert seen == [["--quick", "--sizes", "1e4", "--out", "x"]]
-    args = benchmark.parse_args(["--sizes", "1e4,2e5", "--no-compile"])
+    args = bench_cli.parse_args(["--sizes", "1e4,2e5", "--no-compile"])
     assert args.sizes == [10**4, 2 * 10**5] and args.compile is False
 
 
@@ -187,7 +189,7 @@ def test_window_rows_take_the_sync_free_path(monkeypatch):
 
     p = torch.nn.Parameter(torch.ones(8))
     acc = fusedaccum.GradAccumulator([p], 2)
-    opt = benchmark.NullOptimizer([p])
+    opt = workloads.NullOptimizer([p])
 
     def forbidden(self, *args, **kwargs):
         raise AssertionError("host read of a tensor on the step path")
@@ -207,22 +209,24 @@ def _bench_script(name: str):
     return module
 
 
-def test_readme_table_has_a_line_per_fusedaccum_row():
-    readme_table = _bench_script("readme_table")
+def test_docs_table_has_a_line_per_fusedaccum_row():
+    docs_table = _bench_script("docs_table")
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         results = json.loads(path.read_text())
-        lines = readme_table.table(results).splitlines()
+        lines = docs_table.table(results).splitlines()
         ours = [r for r in results["rows"] if r.get("ours") and r.get("median_s") is not None]
         assert len(lines) == 2 + len(ours) and ours
         assert all(line.count("|") == lines[0].count("|") for line in lines)
 
 
-def test_readme_shows_the_table_of_the_result_it_names():
-    readme = (ROOT / "README.md").read_text()
-    named = re.search(r"`python bench/readme_table.py\s+(bench/results/\S+\.json)` prints it", readme)
-    assert named, "the README names the JSON its CPU table comes from"
-    table = _bench_script("readme_table").table(json.loads((ROOT / named.group(1)).read_text()))
-    assert table in readme
+def test_benchmarks_doc_shows_the_tables_of_the_results_it_names():
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    named = re.findall(r"`python bench/docs_table.py\s+(bench/results/\S+\.json)` prints it", doc)
+    assert named, "docs/benchmarks.md names the JSON each CPU table comes from"
+    docs_table = _bench_script("docs_table")
+    for path in named:
+        table = docs_table.table(json.loads((ROOT / path).read_text()))
+        assert table in doc, f"docs/benchmarks.md: the table of {path} is not what python bench/docs_table.py {path} prints"
 
 
 def test_norm_accuracy_script(capsys):

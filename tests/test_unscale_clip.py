@@ -237,3 +237,70 @@ def test_reference_cpu_pieces_with_out(monkeypatch, skip):
     else:
         _check_norm(total_norm, norm)
         assert_close(out, expected[0], torch.bfloat16)
+
+
+def _rank_buckets(device, bad):
+    buckets = [randn(BLOCK + 1, torch.float32, device, 31, 3.0), randn(7919, torch.bfloat16, device, 32),
+               randn(0, torch.float32, device, 33), randn(17, torch.float16, device, 34, 2.0)]
+    if bad is not None:
+        buckets[3][4] = bad  # on "rank 1" only: the flag must travel through the slots
+    return buckets
+
+
+@pytest.mark.parametrize("p", NORM_TYPES + [0.5])
+@pytest.mark.parametrize("bad", [None, float("inf"), float("nan")])
+def test_partials_of_ranks_fold_by_concatenation(backend, device, p, bad):
+    """The sharded-gradient contract: finalize(cat(partials of each rank, -1)) is the result
+    of one call over the union of the ranks' buckets, bit for bit."""
+    from fusedaccum import _backend
+
+    impl = _backend.implementation(device)
+    buckets = _rank_buckets(device, bad)
+    inv = torch.tensor(0.25, device=device)
+    whole = impl.finalize(impl.norm_partials(buckets, inv, p), inv, 1.0, p, 1e-6)
+    parts = [impl.norm_partials(buckets[:2], inv, p), impl.norm_partials(buckets[2:], inv, p)]
+    assert parts[0].dim() == 2 and parts[0].dtype == torch.float32
+    folded = impl.finalize(torch.cat(parts, -1), inv, 1.0, p, 1e-6)
+    assert same_bits(folded, whole)
+    assert float(whole[1]) == float(bad is not None)
+    if bad is None:
+        _check_norm(whole[0], float(norm64(buckets, p)) * 0.25)
+
+
+@pytest.mark.parametrize("p", [2.0, float("inf")])
+def test_reduce_partials_makes_each_rank_step_with_the_global_stats(backend, device, p):
+    from fusedaccum import _backend
+
+    buckets = _rank_buckets(device, None)
+    norm, expected = _expected(buckets, 0.5, 1.0, p)
+    other = _backend.implementation(device).norm_partials(buckets[2:], 0.5, p)  # "rank 1", gathered
+    mine = [b.clone() for b in buckets[:2]]
+    seen = []
+
+    def gather(partials):
+        seen.append(partials)
+        return torch.cat([partials, other], -1)
+
+    stats = _unscale_clip_stats(mine, 0.5, 1.0, p, reduce_partials=gather)
+    assert len(seen) == 1
+    _check_norm(stats[0], norm)
+    assert float(stats[1]) == 0.0
+    for m, e in zip(mine, expected):
+        assert_close(m, e, m.dtype)
+    # No reduce_partials: the local result only.
+    local = _unscale_clip_stats([b.clone() for b in buckets[:2]], 0.5, 1.0, p)
+    _check_norm(local[0], float(norm64(buckets[:2], p)) * 0.5)
+
+
+@pytest.mark.parametrize("reduce, message", [
+    ("not callable", "reduce_partials must be a callable"),
+    (lambda partials: partials[:1], "reduce_partials must return"),
+    (lambda partials: partials.double(), "reduce_partials must return"),
+    (lambda partials: None, "reduce_partials must return"),
+])
+def test_reduce_partials_bad_results_are_refused(backend, device, reduce, message):
+    bucket = randn(100, torch.float32, device, 35)
+    before = bucket.clone()
+    with pytest.raises((TypeError, ValueError), match=message):
+        _unscale_clip_stats(bucket, 0.5, 1.0, reduce_partials=reduce)
+    assert same_bits(bucket, before)

@@ -1,16 +1,18 @@
-"""Print the README's table of a stored bench result (the fusedaccum rows, speed-ups by baseline).
+"""Print the table docs/benchmarks.md shows for a stored bench result (the fusedaccum rows,
+speed-ups by baseline).
 
-    python bench/readme_table.py bench/results/<device>.json
+    python bench/docs_table.py bench/results/<device>.json
 
-The README's numbers come from here, so none of them is typed by hand."""
+The document's numbers come from here, so none of them is typed by hand; tests/test_bench.py
+checks that each table there is what this prints for the JSON it names."""
 
 import json
 import sys
 from pathlib import Path
 
-from fusedaccum.benchmark import _fmt_n, _fmt_t
+from fusedaccum.bench.report import _fmt_n, _fmt_t
 
-# README column -> the baseline (speed-up key) it shows, first match wins.
+# Column -> the baseline (speed-up key) it shows, first match wins.
 COLUMNS = [
     ("vs torch, flat", ("[flat]",), ("compile",)),
     ("vs torch, 148 tensors", ("[gpt2-148]",), ()),

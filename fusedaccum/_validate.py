@@ -1,0 +1,104 @@
+"""``GradAccumulator``'s argument checks and its BatchNorm warning (everything before a change)."""
+
+import math
+import numbers
+import warnings
+import weakref
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .ops import _norm_order
+from .scaler import LossScaler
+
+__all__ = ["BatchNormWatch", "check_args", "check_host_items", "check_items"]
+
+
+def check_args(accumulation_steps, max_norm, norm_type, scaler):
+    """Returns (accumulation_steps, max_norm, norm_type) normalized."""
+    if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
+            or accumulation_steps < 1):
+        raise ValueError(f"accumulation_steps must be an integer >= 1, got {accumulation_steps!r}")
+    if max_norm is not None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not max_norm >= 0:
+            raise ValueError(f"max_norm must be a number >= 0 or None, got {max_norm!r}")
+        max_norm = float(max_norm)
+    norm_type = _norm_order(norm_type)
+    if scaler is not None and not isinstance(scaler, LossScaler):
+        raise TypeError(f"scaler must be a fusedaccum.LossScaler or None, got {type(scaler).__name__} "
+                        "(a torch.amp.GradScaler's state_dict() loads into a LossScaler)")
+    return int(accumulation_steps), max_norm, norm_type
+
+
+def check_params(params):
+    """(module or None, list of params) from a module, a tensor or an iterable; one device."""
+    module = params if isinstance(params, torch.nn.Module) else None
+    if module is not None:
+        params = module.parameters()
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    devices = {p.device for p in params if isinstance(p, torch.Tensor) and p.requires_grad}
+    if len(devices) > 1:
+        raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}: "
+                         "the global norm and the skip decision are taken on one device")
+    return module, params
+
+
+def check_host_items(n):
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
+        raise ValueError(f"num_items must be a number >= 0 or a one-element tensor, got {n!r}")
+    return n
+
+
+def check_items(num_items, window, device):
+    """Validate num_items for the window's next micro-batch; return (host_part, device_part)."""
+    given = num_items is not None
+    if window.micro > 0 and given != window.items_given:
+        had = "with" if window.items_given else "without"
+        raise ValueError(
+            f"num_items must be given on every micro-batch of a window or on none: micro-batches 1.."
+            f"{window.micro} of this window came {had} num_items, micro-batch {window.micro + 1} "
+            f"{'with' if given else 'without'}")
+    if not given:
+        return 0, None
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
+            raise ValueError(f"num_items must be a one-element real tensor, got shape "
+                             f"{tuple(num_items.shape)} dtype {num_items.dtype}")
+        if num_items.device.type == "cpu" and device.type != "cpu":
+            return check_host_items(num_items.item()), None  # a host tensor: no device sync
+        if num_items.device != device:
+            raise ValueError(f"num_items is on {num_items.device}, the parameters on {device}")
+        # Not checked for > 0: that would read the device. A window of 0 items gives a
+        # non-finite gradient, found_inf, and a skipped step.
+        # A copy: the caller may reuse (and refill) its counter tensor.
+        return 0, num_items.detach().reshape(()).to(torch.float64, copy=True)
+    return check_host_items(num_items), None
+
+
+class BatchNormWatch:
+    """Warns once when a model holds BatchNorm layers in training mode under accumulation."""
+
+    def __init__(self, accumulation_steps: int):
+        self.accumulation_steps = accumulation_steps
+        self.warned = False
+        self._layers = weakref.WeakKeyDictionary()  # model -> its BatchNorm layers
+
+    def check(self, model, stacklevel: int) -> None:
+        if self.warned or self.accumulation_steps == 1 or not isinstance(model, torch.nn.Module):
+            return
+        # The module walk once per model; the training flags on every call (a layer may be
+        # switched to train mode at any time).
+        if model not in self._layers:
+            self._layers[model] = [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        for name, m in self._layers[model]:
+            if m.training:
+                self.warned = True
+                warnings.warn(
+                    f"{type(m).__name__} layer {name or '(root)'!r} is in training mode: with gradient "
+                    f"accumulation its batch statistics (and running statistics) come from each "
+                    f"micro-batch, not from the window of {self.accumulation_steps}, so training differs "
+                    "from one large batch. Consider GroupNorm/LayerNorm, or BatchNorm in eval mode.",
+                    UserWarning, stacklevel=stacklevel + 1)
+                return

@@ -1,0 +1,54 @@
+"""The issue's performance targets that a run can check, each with its measured value."""
+
+from __future__ import annotations
+
+from .report import _fmt_n, _fmt_t
+
+
+def _find(rows, op, impl, layout=None, size=None):
+    for r in rows:
+        if (r["op"] == op and r["impl"] == impl and (layout is None or r["layout"] == layout)
+                and (size is None or r["size"] == size) and r.get("median_s")):
+            return r
+    return None
+
+
+def targets(results: dict) -> list:
+    """The issue's targets that this run can check, each with the measured value."""
+    rows, dev = results["rows"], results["meta"]["device"]["type"]
+    out = []
+    if dev != "cuda":
+        for r in rows:
+            # The target is on GPT-2 small; --quick's gpt2-tiny stand-in is no measure of it.
+            if r["op"] == "unscale_clip_ fp32" and r.get("ours") and r["layout"] == "gpt2-small bucket" \
+                    and r.get("median_s"):
+                name = "gpt2-small"
+                base = _find(rows, "unscale_clip_ fp32", "torch unscale+clip chain", f"{name} list", r["size"])
+                if base:
+                    x = base["median_s"] / r["median_s"]
+                    out.append({"target": f"CPU: unscale_clip_ (reference) >= 1.8x faster than PyTorch's chain "
+                                          f"on the {name} parameter list ({r['size']:,} elements)",
+                                "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
+                                "met": x >= 1.8})
+        return out
+    big = [r for r in rows if r["size"] >= 10**8 and r.get("median_s") and r.get("ours")]
+    for r in big:
+        if r["op"].startswith("accumulate_") or r["op"] == "norm pass fp32":
+            f = r.get("frac_copy")
+            out.append({"target": f"GPU: {r['op']} >= 90% of copy bandwidth at N={_fmt_n(r['size'])}",
+                        "value": "n/a" if f is None else f"{100 * f:.0f}%", "met": f is not None and f >= 0.9})
+        if r["op"] == "unscale_clip_ fp32" and r["layout"] == "flat":
+            out.append({"target": f"GPU: unscale_clip_ moves <= 12 B/el at N={_fmt_n(r['size'])}",
+                        "value": f"{r['bytes_per_elem']:g} B/el (accounting)", "met": r["bytes_per_elem"] <= 12})
+            base = _find(rows, r["op"], "torch unscale+clip chain", "flat", r["size"])
+            if base:
+                x = base["median_s"] / r["median_s"]
+                out.append({"target": f"GPU: unscale_clip_ >= 1.6x faster than PyTorch's chain on flat data, "
+                                      f"N={_fmt_n(r['size'])}", "value": f"{x:.2f}x", "met": x >= 1.6})
+    ours = [r for r in rows if r.get("ours") and r.get("median_s")]
+    syncs = [r["syncs"] for r in ours if isinstance(r.get("syncs"), int)]
+    if syncs:
+        out.append({"target": "GPU: zero host syncs per step (every fusedaccum row)",
+                    "value": f"max {max(syncs)}", "met": max(syncs) == 0})
+    return out
+

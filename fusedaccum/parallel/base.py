@@ -1,0 +1,152 @@
+"""The interface every data-parallel engine answers, and what the engines share.
+
+``GradAccumulator`` drives one window of micro-batches; what differs between one process, a
+process group, DistributedDataParallel and FSDP2 is a fixed set of questions, each answered
+by one ``Engine`` object (one module per engine in this package):
+
+- ``adopt(model, params)``: a model was shown to the accumulator (its constructor, or
+  ``accumulate``); the engine that drives the window from now on (itself, or another), after
+  checking, before anything changes, that it can;
+- ``micro_batch(model, window, sync=..., lowp=...)``: the context a micro-batch's forward and
+  backward run in (``no_sync()`` for a data-parallel wrapper, ...);
+- ``reduce(accums, window, force, device)``: at the step, before the norm: the collectives
+  that make the buckets and the normalizer global; returns ``(denom, items)``, the number the
+  window's sums are divided by (the "normalizer": a host number or a 0-d fp64 device tensor)
+  and the item count ``StepResult.num_items`` reports;
+- ``reduce_partials``: how the norm's per-program partials become global (a callable, see
+  ``fusedaccum.ops._unscale_clip_stats``), or None when the buckets are global already.
+
+No host sync anywhere: counts are all-reduced on the device, collectives launched
+asynchronously and waited on (on CUDA/NCCL ``wait()`` orders the streams, the host does not block).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Engine", "Window", "all_reduce_async", "check_process_group", "dist", "local_normalizer",
+           "global_normalizer"]
+
+
+def dist():
+    import torch.distributed
+
+    return torch.distributed
+
+
+@dataclass
+class Window:
+    """What the micro-batches of the current window left for the step (host values only)."""
+
+    micro: int = 0  # micro-batches accumulated (a host int: no sync)
+    items_given: "bool | None" = None  # whether num_items came with the micro-batches
+    items_host: float = 0  # Python-number part of the items
+    items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
+    unsynced: bool = False  # the last micro-batch ran under a wrapper's no_sync()
+
+    def items(self):
+        """The window's own item count (None without num_items)."""
+        if not self.items_given:
+            return None
+        return self.items_host if self.items_dev is None else self.items_dev + self.items_host
+
+
+def check_process_group(process_group) -> None:
+    """``process_group`` must be None (auto), False (never communicate) or a ProcessGroup."""
+    if process_group is None or process_group is False:
+        return
+    if not dist().is_available() or not isinstance(process_group, dist().ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, None (the default group when "
+                        f"torch.distributed is initialized) or False (no communication), got "
+                        f"{type(process_group).__name__}")
+
+
+def all_reduce_async(tensors, group) -> list:
+    """Launch ``all_reduce(SUM)`` on every tensor at once; returns the work handles.
+    (Through the module attribute, so that a wrapped ``dist.all_reduce`` sees every call.)"""
+    d = dist()
+    return [d.all_reduce(t, op=d.ReduceOp.SUM, group=group, async_op=True) for t in tensors]
+
+
+def local_normalizer(window: Window):
+    """The window's own count: micro-batches, or items (host number or 0-d fp64 tensor)."""
+    if not window.items_given:
+        return window.micro
+    return window.items()
+
+
+def global_normalizer(window: Window, group, world_size: int, force: bool, device):
+    """The window's count over all ranks: (host number or 0-d fp64 device tensor, work handles
+    to wait on). The count is all-reduced only when it can differ between ranks (num_items,
+    or a partial window closed with force=True); no host sync."""
+    if not (window.items_given or force):
+        return window.micro * world_size, []  # every rank closes a full window of micro-batch means
+    host = window.items_host if window.items_given else window.micro
+    count = torch.full((1,), host, dtype=torch.float64, device=device)
+    if window.items_given and window.items_dev is not None:
+        count += window.items_dev
+    return count.reshape(()), all_reduce_async([count], group)
+
+
+def wait(works) -> None:
+    for work in works:
+        work.wait()
+
+
+class Engine:
+    """One data-parallel engine (see the module docstring). This base is "nobody communicates"
+    with the generic micro-batch context; subclasses answer differently."""
+
+    #: how the norm's partials become global; None: the buckets are already global
+    reduce_partials = None
+    group = None
+    world_size = 1
+
+    @property
+    def communicates(self) -> bool:
+        return self.world_size > 1
+
+    #: the ``process_group`` argument the engine was built from (None: chosen automatically)
+    process_group = None
+
+    def adopt(self, model, params) -> "Engine":
+        """The engine after ``model`` was shown; raises (changing nothing) when it cannot be.
+        A data-parallel wrapper (DDP, an FSDP2 module) brings its own engine: ``hand_over``."""
+        from . import WRAPPERS
+
+        for cls in WRAPPERS:
+            if cls.wraps(model):
+                return self.hand_over(cls, model, params)
+        return self
+
+    def hand_over(self, cls, model, params) -> "Engine":
+        """Give the window to ``cls``'s engine for the wrapper ``model``. ``cls.check`` refuses
+        when this engine was built with an explicit ``process_group`` (two owners)."""
+        cls.check(model, params, self.process_group)
+        return cls(model)
+
+    @contextlib.contextmanager
+    def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):
+        """A model with ``no_sync()`` (DDP, or a wrapper like it) runs every micro-batch but the
+        synchronising one (``sync``) under it, so its gradients are reduced once per window;
+        not when bf16/fp16 gradients move out of ``param.grad`` after each backward (a
+        reduction skipped then could not be caught up)."""
+        no_sync = getattr(model, "no_sync", None)
+        if sync or not callable(no_sync) or lowp:
+            yield
+            window.unsynced = False
+            return
+        with no_sync():
+            yield
+        window.unsynced = True
+
+    def reduce(self, accums, window: Window, force: bool, device):
+        raise NotImplementedError
+
+    def check_synced(self, window: Window) -> None:
+        if window.unsynced:
+            raise RuntimeError(
+                "the last micro-batch of this window ran under model.no_sync() of a model that is not a "
+                "DistributedDataParallel shown to this GradAccumulator, so nobody all-reduced the window's "
+                "gradients; use accumulate(model, sync=True) on the last micro-batch of a partial window")
