@@ -237,6 +237,14 @@ def test_checkpoint_mid_window_resumes_bit_identical(tmp_path):
         assert got["scale"] == want["scale"]
 
 
+def test_stock_16_mixed_checkpoint_loss_scale_taken_over():
+    """A checkpoint written with precision="16-mixed" keeps GradScaler's state under MixedPrecision."""
+    plugin = FusedAccumPrecision("16-mixed")
+    stock = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=9)
+    plugin.on_load_checkpoint({"MixedPrecision": stock.state_dict()})
+    assert plugin.scaler.get_scale() == 512.0 and plugin.scaler.state_dict()["growth_interval"] == 9
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 class ManualNet(Net):
     def __init__(self):

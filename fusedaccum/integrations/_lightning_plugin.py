@@ -127,7 +127,8 @@ def make_precision_class(pl, module_name: str):
             self._pending_state: "dict | None" = None
             self._loop = None
             self._trainer = None
-            self._next_items = None
+            self._next_items = None  # num_items of the training_step whose backward comes next
+            self._clip_checked = False  # clip_gradients ran (and agreed) on this step
             self._reset_window_log()
 
         def _reset_window_log(self) -> None:
