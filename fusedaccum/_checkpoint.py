@@ -1,6 +1,7 @@
 """``GradAccumulator.state_dict`` / ``load_state_dict``: the partial window and the scaler."""
 
 import numbers
+import warnings
 
 import torch
 
@@ -8,7 +9,7 @@ from .parallel import Window
 
 __all__ = ["load_state", "save_state"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2 adds "param_shapes"; version 1 state dicts still load
 
 
 def save_state(acc) -> dict:
@@ -25,6 +26,7 @@ def save_state(acc) -> dict:
         "items_host": win.items_host,
         "items_device": None if win.items_dev is None else win.items_dev.clone(),
         "bucket_layout": [(str(b.dtype), b.numel) for b in acc.buckets],
+        "param_shapes": _param_shapes(acc),
         # Mid-window the fp32 sums are the whole state (landing buffers are zero then);
         # between windows the buckets are reset before the next window accumulates.
         "buckets": [b.accum.clone() for b in acc.buckets] if mid_window else None,
@@ -41,14 +43,16 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise KeyError(f"GradAccumulator state dict lacks {missing}")
-    if state_dict["version"] != _STATE_VERSION:
+    if state_dict["version"] not in (1, _STATE_VERSION):
         raise ValueError(f"GradAccumulator state dict version {state_dict['version']!r}; "
-                         f"this fusedaccum reads version {_STATE_VERSION}")
+                         f"this fusedaccum reads versions 1 and {_STATE_VERSION}")
     layout = [(str(b.dtype), b.numel) for b in acc.buckets]
     saved_layout = [tuple(x) for x in state_dict["bucket_layout"]]
     if saved_layout != layout:
         raise ValueError(f"the state dict's buckets {saved_layout} do not match this GradAccumulator's "
                          f"{layout} (different parameters?)")
+    if state_dict["version"] >= 2:
+        _check_param_shapes(acc, state_dict.get("param_shapes"))
     micro = state_dict["micro_batches"]
     if (isinstance(micro, bool) or not isinstance(micro, numbers.Integral)
             or not 0 <= micro <= acc.accumulation_steps):
@@ -70,6 +74,12 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     if state_dict["items_given"] not in (None, True, False):
         raise ValueError(f"items_given={state_dict['items_given']!r} in the state dict; expected a bool or None")
     check_host_items(state_dict["items_host"])
+    saved_k = state_dict.get("accumulation_steps", acc.accumulation_steps)
+    if micro > 0 and saved_k != acc.accumulation_steps:
+        warnings.warn(f"the state dict was saved with accumulation_steps={saved_k} and holds {micro} micro-batch(es); "
+                      f"this GradAccumulator closes the window at {acc.accumulation_steps}: the window is normalized "
+                      "by the micro-batches (or items) it really holds, so the step is exact, only the window is "
+                      "longer or shorter", UserWarning, stacklevel=3)
 
     if acc.scaler is not None:
         acc.scaler.load_state_dict(state_dict["scaler"])  # validates before it changes anything
@@ -83,3 +93,23 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     acc._win = Window(micro=int(micro), items_given=state_dict["items_given"] if micro > 0 else None,
                       items_host=state_dict["items_host"],
                       items_dev=None if items_dev is None else items_dev.to(acc.device, torch.float64).reshape(()))
+
+
+def _param_shapes(acc) -> list:
+    return [[list(p.shape) for p in b.params] for b in acc.buckets]
+
+
+def _check_param_shapes(acc, saved) -> None:
+    """The same parameters in the same order: equal element counts per bucket are not enough (a
+    model with its layers swapped has them too, and its sums would load into the wrong places)."""
+    ours = [tuple(s) for b in _param_shapes(acc) for s in b]
+    try:
+        theirs = [tuple(s) for b in saved for s in b]
+    except TypeError:
+        raise ValueError(f"param_shapes in the state dict must be a list of lists of shapes, got {saved!r}") from None
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        if a != b:
+            raise ValueError(f"the state dict's parameter {i} has shape {a}, this GradAccumulator's parameter {i} "
+                             f"{b}: it was saved for other parameters, or in another order")
+    if len(theirs) != len(ours):
+        raise ValueError(f"the state dict holds {len(theirs)} parameters, this GradAccumulator {len(ours)}")

@@ -39,6 +39,7 @@ import torch
 
 from . import _checkpoint, _optim, _validate
 from .buckets import GradBuckets
+from .guards import WindowGuard
 from .ops import CLIP_EPS, _unscale_clip_stats, accumulate_
 from .parallel import Window, engine_for
 from .scaler import LossScaler
@@ -163,11 +164,25 @@ class GradAccumulator:
         self._optimizers_checked: dict = {}
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._reset_window()
+        # fp32 buckets are where param.grad accumulate: an in-place change to them is a change of the sum.
+        self._guard = WindowGuard(self, self.buckets, [b.accum for b in self.buckets if b.landing is None])
+        self._guard.sync()
 
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
         self._win = Window()
         self._processed = None  # (stats, items) once step() closed the window and the optimizer has not run
+
+    def window_open(self) -> bool:
+        """Whether the window holds micro-batches that no optimizer step has used yet."""
+        return self._win.micro > 0 or self._processed is not None
+
+    def discard_window(self) -> None:
+        """Drop the current window (its micro-batches and sums) without a step: after a guard
+        reported a damaged window, or to skip a window on purpose."""
+        self.buckets.zero_()
+        self._reset_window()
+        self._guard.sync()
 
     @property
     def micro_batches(self) -> int:
@@ -236,6 +251,7 @@ class GradAccumulator:
             raise RuntimeError(f"this window already holds accumulation_steps={self.accumulation_steps} "
                                "micro-batches: call step(optimizer) before the next backward")
         host_items, dev_items = _validate.check_items(num_items, win, self.device)
+        self._guard.check("acc.backward()")
 
         first = win.micro == 0
         if first:
@@ -252,6 +268,7 @@ class GradAccumulator:
             # micro-batch accum is overwritten, not read: that is the window's reset.
             accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first)
 
+        self._guard.sync()
         win.micro += 1
         win.items_given = num_items is not None
         win.items_host += host_items
@@ -312,6 +329,7 @@ class GradAccumulator:
         then the buckets too, over DDP's group. All launched at once (``async_op=True``),
         then waited on. A collective: call it on every rank alike.
         """
+        self._guard.check("acc.step()")
         if self._processed is None:
             if self._win.micro == 0:
                 if force:
@@ -322,13 +340,15 @@ class GradAccumulator:
                 return None
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
             self._processed = self._close_window(force)
+            self._guard.sync()
         else:
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
         stats, items = self._processed
         total_norm, found_inf = stats[0], stats[1]
         # If the optimizer raises, the window stays closed and processed: a retry steps with
         # the same gradient instead of normalizing and clipping it a second time.
-        _optim.optimizer_step(optimizer, found_inf)
+        with self._guard.stepping():
+            _optim.optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf)
         result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._win.micro,
@@ -365,10 +385,12 @@ class GradAccumulator:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore ``state_dict()``'s window and scaler; every check runs before anything changes."""
         _checkpoint.load_state(self, state_dict, _validate.check_host_items)
+        self._guard.sync()
 
     def release(self) -> None:
         """Give the parameters up (``GradBuckets.release``), e.g. before building another
         GradAccumulator over the same model."""
+        self._guard.release()
         self.buckets.release()
 
     def __repr__(self) -> str:

@@ -23,9 +23,13 @@ class _Reattach:
         # The backward whose end callback is queued: a backward that raised never ran its
         # callback, so a flag would stay set and skip the zeroing in every later backward.
         self.queued_for = None
+        # Every autograd accumulation into a parameter, counted: the accumulator compares it with
+        # the count its own backwards made to catch a backward that bypassed it (fusedaccum.guards).
+        self.accumulations = 0
 
     def hook(self, view: torch.Tensor):
         def reattach(p: torch.Tensor) -> None:
+            self.accumulations += 1
             if p.grad is view:
                 return
             # p.grad was set to None (zero_grad) or replaced: what it holds now is the whole
@@ -161,6 +165,7 @@ class GradBuckets:
         # The hooks live on the parameters: they must not hold self, or a GradBuckets dropped
         # without release() would never be collected and would keep its parameters owned.
         reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
+        self._reattach = reattach
         self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(view)) for p, view in reattach.pairs]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
         self.attach()
@@ -195,6 +200,12 @@ class GradBuckets:
     @property
     def params(self) -> list:
         return [p for b in self.buckets for p in b.params]
+
+    @property
+    def accumulations(self) -> int:
+        """How many times autograd has accumulated a gradient into one of the parameters (a
+        host-side counter, bumped by the post-accumulate-grad hooks)."""
+        return self._reattach.accumulations
 
     def __iter__(self):
         return iter(self.buckets)
