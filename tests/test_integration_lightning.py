@@ -278,6 +278,18 @@ def test_unsupported_module_refused(module, match):
             clip=None if manual else CLIP, k=1 if manual else K)
 
 
+def test_accumulation_schedule_refused():
+    """GradientAccumulationScheduler (with Trainer(accumulate_grad_batches=1), as it requires) sets K
+    per epoch after set-up: refused at the first backward, before anything is accumulated."""
+    x, y = make_data(8)
+    net = Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    schedule = pl.callbacks.GradientAccumulationScheduler({0: K, 1: 2})
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches changed"):
+        fit(net, micro_batches(x, y, BATCH), plugin=FusedAccumPrecision(), callbacks=[schedule], k=1)
+    assert all(same_bits(a, p.detach()) for a, p in zip(before, net.parameters()))
+
+
 def test_clip_by_value_refused():
     x, y = make_data(8)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, gradient_clip_val=1.0, gradient_clip_algorithm="value",
