@@ -1,4 +1,9 @@
-"""FusedAccumulation against the real Hugging Face Accelerate on CPU (one process)."""
+"""FusedAccumulation against the real Hugging Face Accelerate on CPU (one process, and two
+processes for DDP)."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from _lightning_common import IGNORE, large_batch_run, make_data, make_net, micr
 from helpers import same_bits
 
 K, BATCH, CLIP = 4, 4, 0.5
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(autouse=True)
@@ -192,3 +198,33 @@ def test_fp16_scaler_replaces_accelerates():
     assert isinstance(scaler, fusedaccum.LossScaler)
     assert scaler.get_scale() == 1024.0 and scaler.state_dict()["growth_interval"] == 7
     fused.release()
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """Accelerate on 2 CPU processes (torch.distributed.run, gloo; the model DDP-wrapped by prepare),
+    token-weighted losses, windows of 4, 4, 2 micro-batches per rank: both ranks end with the same
+    weights, equal to the large-batch run over both ranks' windows (Accelerate shards by batch: rank r
+    takes batches r, r+2, ...); each window is divided by the item count of both ranks."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(HERE, "_accelerate_ddp_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    for name in ranks[0]["weights"]:
+        assert same_bits(ranks[0]["weights"][name], ranks[1]["weights"][name])
+
+    import _accelerate_ddp_worker as worker
+
+    x, y = make_data(worker.N, seed=worker.SEED, ignore_frac=0.3)
+    batches = micro_batches(x, y, BATCH)
+    per_rank = [batches[r::2] for r in range(2)]
+    global_windows = [[b for rank in per_rank for b in rank[i:i + K]] for i in range(0, len(per_rank[0]), K)]
+    items = [sum(int((b[1] != IGNORE).sum()) for b in w) for w in global_windows]
+    assert ranks[0]["windows"] == ranks[1]["windows"] == [(m, float(n)) for m, n in zip([4, 4, 2], items)] * 2
+    ref = make_net()
+    large_batch_run(ref, sgd(ref), global_windows, epochs=worker.EPOCHS, clip=CLIP)
+    got = make_net()
+    got.load_state_dict(ranks[0]["weights"])
+    assert max_diff(got, ref) <= 1e-5
