@@ -17,6 +17,7 @@ def save_state(acc) -> dict:
         raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
                            "step(optimizer) again to finish the window before saving")
     win = acc._win
+    acc._engine.check_saveable(win)
     mid_window = win.micro > 0
     return {
         "version": _STATE_VERSION,
@@ -31,6 +32,7 @@ def save_state(acc) -> dict:
         # between windows the buckets are reset before the next window accumulates.
         "buckets": [b.accum.clone() for b in acc.buckets] if mid_window else None,
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        "signals": acc._signals.state_dict(mid_window, acc.device),
     }
 
 
@@ -54,9 +56,23 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     if state_dict["version"] >= 2:
         _check_param_shapes(acc, state_dict.get("param_shapes"))
     micro = state_dict["micro_batches"]
+    # The accumulator's own K stays, unless an adaptive policy owns K: then it is state and
+    # is restored, like the window.
+    k = acc.accumulation_steps
+    tracker = acc._signals.tracker
+    if tracker is not None and tracker.settings.adaptive is not None:
+        k = state_dict.get("accumulation_steps", k)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"accumulation_steps={k!r} in the state dict; expected an integer >= 1")
     if (isinstance(micro, bool) or not isinstance(micro, numbers.Integral)
-            or not 0 <= micro <= acc.accumulation_steps):
-        raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{acc.accumulation_steps}")
+            or not 0 <= micro <= k):
+        raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{k}")
+    signals = state_dict.get("signals")  # absent in state dicts saved before the signals existed
+    if signals is not None and (not isinstance(signals, dict) or set(signals) != {"sums", "noise"}
+                                or (signals["sums"] is not None and (not isinstance(signals["sums"], torch.Tensor)
+                                                                     or signals["sums"].numel() != 4))):
+        raise ValueError("the state dict's signals must be a dict with a 4-element 'sums' tensor (or None) "
+                         "and 'noise'")
     buckets = state_dict["buckets"]
     if micro > 0:
         if buckets is None or len(buckets) != len(layout):
@@ -75,7 +91,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
         raise ValueError(f"items_given={state_dict['items_given']!r} in the state dict; expected a bool or None")
     check_host_items(state_dict["items_host"])
     saved_k = state_dict.get("accumulation_steps", acc.accumulation_steps)
-    if micro > 0 and saved_k != acc.accumulation_steps:
+    if micro > 0 and saved_k != k:
         warnings.warn(f"the state dict was saved with accumulation_steps={saved_k} and holds {micro} micro-batch(es); "
                       f"this GradAccumulator closes the window at {acc.accumulation_steps}: the window is normalized "
                       "by the micro-batches (or items) it really holds, so the step is exact, only the window is "
@@ -90,6 +106,9 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                 b.accum.copy_(t)
                 if b.landing is not None:
                     b.landing.zero_()
+    if signals is not None:
+        acc._signals.load_state_dict(signals, acc.device)
+    acc._k = int(k)
     acc._win = Window(micro=int(micro), items_given=state_dict["items_given"] if micro > 0 else None,
                       items_host=state_dict["items_host"],
                       items_dev=None if items_dev is None else items_dev.to(acc.device, torch.float64).reshape(()))

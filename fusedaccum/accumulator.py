@@ -38,9 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from . import _checkpoint, _optim, _validate
+from . import signals as _signals
 from .buckets import GradBuckets
 from .guards import WindowGuard
-from .ops import CLIP_EPS, _unscale_clip_stats, accumulate_
+from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, accumulate_, sq_slots
 from .parallel import Window, engine_for
 from .scaler import LossScaler
 
@@ -59,12 +60,22 @@ class StepResult:
     num_items: the window's total items (int, float or 0-d device tensor), or None when the
         window was normalized by ``micro_batches``. Data parallel: the total over all ranks
         (0-d fp64 device tensor), the number the gradient was divided by.
+    loss: 0-d fp64 device tensor, the window's loss: the mean of the micro-batch losses, or
+        with ``num_items`` their sum over the window's items (the large-batch per-item mean);
+        over all ranks when data parallel. Detached; reading it is the caller's sync.
+    noise_scale: a ``fusedaccum.NoiseScale`` (0-d device tensors ``trace_cov``, ``grad_sq``,
+        ``b_simple``, ...) after this window, or None when ``noise_scale`` is off.
+    accumulation_steps_change: the ``StepsChange`` the adaptive policy made after this
+        window (the next windows hold ``.new`` micro-batches), or None.
     """
 
     total_norm: torch.Tensor
     found_inf: torch.Tensor
     micro_batches: int
     num_items: "int | float | torch.Tensor | None"
+    loss: "torch.Tensor | None" = None
+    noise_scale: "_signals.NoiseScale | None" = None
+    accumulation_steps_change: "_signals.StepsChange | None" = None
 
 
 class GradAccumulator:
@@ -82,9 +93,16 @@ class GradAccumulator:
         accum_dtype: the accumulation dtype; only ``torch.float32`` is supported.
         process_group: who all-reduces the gradients across data-parallel ranks (see below).
             None (default): the default group when torch.distributed is initialized with
-            world size > 1 and no DistributedDataParallel model has been shown to this
-            accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
+            world size > 1 and no DistributedDataParallel or FSDP2 model has been shown to
+            this accumulator; nobody otherwise. A ``ProcessGroup``: that group. False: never
             communicate (the parameters are not data-parallel).
+        noise_scale: False (default), True, or a ``NoiseScaleSettings`` (smoothing, an
+            ``AdaptiveSteps`` policy): the gradient noise statistics of every window in
+            ``StepResult.noise_scale`` (docs/signals.md). Needs ``norm_type=2``.
+        fsdp_sync: with an FSDP2 model, when FSDP2 reduce-scatters: ``"micro_batch"``
+            (default: after every micro-batch; only sharded gradients are held) or
+            ``"window"`` (``accumulate`` turns the sync off on all but the last micro-batch:
+            one reduce-scatter per window, unsharded fp32 gradients held across it).
 
     Usage::
 
@@ -109,47 +127,51 @@ class GradAccumulator:
     A parameter belongs to one GradAccumulator at a time: building a second one over the
     same parameters raises until ``release()`` is called on the first.
 
-    Data parallel (run the same loop on every rank, each on its share of the data):
+    Data parallel (run the same loop on every rank, each on its share of the data; one
+    engine of ``fusedaccum.parallel`` reduces, exactly once; docs/data-parallel.md, docs/fsdp2.md):
 
-    - no DDP wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
+    - no wrapper: ``step`` all-reduces (sum) each fp32 bucket once, and divides by
       ``world_size * micro_batches`` (or by the global item count, itself all-reduced).
       Nothing is communicated during the micro-batches. Broadcast the initial weights
       first (``fusedaccum.broadcast_parameters(model)``), as DDP's constructor would.
-    - ``DistributedDataParallel`` over fp32 parameters: show it to the accumulator
+    - ``DistributedDataParallel`` over fp32 parameters, shown to the accumulator
       (``GradAccumulator(ddp_model, ...)`` or ``accumulate(ddp_model)``, which enters
-      ``no_sync()`` on all but the last micro-batch); DDP then reduces once per window and
-      the accumulator communicates only the item count (with ``num_items``). A partial
-      window closed by ``step(force=True)`` ran its last micro-batch under ``no_sync()``
-      (``accumulate`` cannot know it was the last): ``step`` all-reduces its buckets then.
-      Refused, with an error that says what to do instead: DDP with bf16/fp16 parameters
-      (DDP would reduce every micro-batch), with ``gradient_as_bucket_view=True`` (DDP would
-      take ``param.grad`` away from the buckets), or not covering all the parameters.
+      ``no_sync()`` on all but the last micro-batch): DDP reduces once per window; the
+      accumulator communicates only its count vector (item count, loss, statistics),
+      and the buckets of a forced partial window whose last micro-batch ran under ``no_sync()``.
+      Refused, saying what to do instead: bf16/fp16 parameters, ``gradient_as_bucket_view=True``,
+      DDP not covering all the parameters, an explicit ``process_group``.
+    - FSDP2 (``fully_shard``), shown likewise: the buckets hold this rank's shards and FSDP2
+      reduce-scatters into them (``fsdp_sync``); at ``step`` one all-gather of the norm's
+      partials makes the norm global (plus the item count). Every rank runs as many
+      micro-batches (FSDP2's forward all-gathers). Refused: FSDP1, CPU offload, a
+      ``process_group`` other than the mesh's.
 
-    One reducer only: a DDP model shown to the accumulator turns its own reduction off; a
-    DDP model with an explicit ``process_group`` (or False) raises, and so does a DDP model
-    shown only after the accumulator has already reduced a window itself. The accumulator
-    cannot see a DDP wrapper it is never shown: that model gets no ``no_sync``, DDP
-    averages every micro-batch's running sum and the accumulator sums once more, which is
-    still the right gradient (both are linear, and averaging equal values changes nothing)
-    but K+1 all-reduces per window instead of one; show the model.
-    ``step(force=True)`` is exact when the partial window's length differs across ranks: it
-    all-reduces the micro-batch count too. The calls are collectives: every rank needs at
-    least one micro-batch per window and must call ``step`` alike (same ``force``,
-    ``num_items`` on all ranks or on none).
+    A wrapper never shown gets no ``no_sync``: DDP then averages every micro-batch and the
+    accumulator sums once more (still right, K+1 all-reduces per window); sharded
+    parameters without their FSDP2 model raise at the first ``backward``. The calls are
+    collectives: every rank needs at least one micro-batch per window and must call
+    ``step`` alike (same ``force``, ``num_items`` on all ranks or on none).
     """
 
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
-                 accum_dtype: torch.dtype = torch.float32, process_group=None):
+                 accum_dtype: torch.dtype = torch.float32, process_group=None, noise_scale=False,
+                 fsdp_sync: str = "micro_batch"):
         # Validate everything (the engine's checks too) before the buckets re-point any param.grad.
         accumulation_steps, max_norm, norm_type = _validate.check_args(accumulation_steps, max_norm, norm_type,
                                                                        scaler)
+        noise_settings = _signals.settings_from(noise_scale)
+        if noise_settings is not None and norm_type != 2.0:
+            raise ValueError(f"noise_scale needs the window's 2-norm, but norm_type={norm_type}: use norm_type=2 "
+                             "(the default) with noise_scale")
         module, params = _validate.check_params(params)
         self._engine = engine_for(process_group, module,
-                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad])
+                                  [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
+                                  {"fsdp_sync": fsdp_sync, "noise_scale": noise_settings is not None})
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
-        self.accumulation_steps = accumulation_steps
+        self._k = accumulation_steps
         self.max_norm = max_norm
         self.norm_type = norm_type
         self.scaler = scaler
@@ -163,6 +185,8 @@ class GradAccumulator:
         self._lowp = [b for b in self.buckets if b.landing is not None]
         self._optimizers_checked: dict = {}
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
+        self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
+        self._wrapper_syncs = False  # the current micro-batch's backward runs a wrapper's reduction
         self._reset_window()
         # fp32 buckets are where param.grad accumulate: an in-place change to them is a change of the sum.
         self._guard = WindowGuard(self, self.buckets, [b.accum for b in self.buckets if b.landing is None])
@@ -171,7 +195,8 @@ class GradAccumulator:
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
         self._win = Window()
-        self._processed = None  # (stats, items) once step() closed the window and the optimizer has not run
+        self._processed = None  # (stats, items, signals) once step() closed the window and the optimizer has not run
+        self._signals.reset()
 
     def window_open(self) -> bool:
         """Whether the window holds micro-batches that no optimizer step has used yet."""
@@ -190,6 +215,33 @@ class GradAccumulator:
         return self._win.micro
 
     @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step. Settable between windows (the normalization is
+        per window, so it stays exact); refused mid-window. Data parallel: set it alike on
+        every rank (the adaptive policy does)."""
+        return self._k
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, k: int) -> None:
+        k = _validate.check_args(k, None, 2.0, None)[0]
+        if self._win.micro or self._processed is not None:
+            raise RuntimeError(f"accumulation_steps can only change between windows: this window already holds "
+                               f"{self._win.micro} micro-batches; set it after step() closes the window")
+        self._k = k
+
+    @property
+    def noise_scale(self) -> "dict | None":
+        """The last window's noise statistics as Python floats (``NoiseScale.to_host()``:
+        one host sync, on request only), or None when off or before the first window."""
+        last = self._signals.last
+        return None if last is None else last.to_host()
+
+    @property
+    def accumulation_steps_changes(self) -> list:
+        """Every change the adaptive policy made (``StepsChange``), in order."""
+        return [] if self._signals.tracker is None else list(self._signals.tracker.changes)
+
+    @property
     def params(self) -> list:
         return self.buckets.params
 
@@ -199,32 +251,34 @@ class GradAccumulator:
     # ------------------------------------------------------------------ micro-batches
     @contextlib.contextmanager
     def accumulate(self, model, *, sync: "bool | None" = None):
-        """Context for the forward and backward of one micro-batch.
+        """Context for the forward and backward of one micro-batch; what it enters is the
+        engine's (``fusedaccum.parallel``).
 
-        When ``model`` has ``no_sync()`` (DDP), it is entered on all but the last micro-batch
-        of a window, so gradients are all-reduced once per window; otherwise nothing is done.
-        ``sync=True`` forces DDP's all-reduce on this micro-batch (optional on the last
-        micro-batch of a partial window: without it, ``step(force=True)`` all-reduces the
-        window's buckets itself over DDP's group).
+        A model with ``no_sync()`` (DDP) runs all but the window's last micro-batch under it,
+        so gradients are all-reduced once per window (only when every parameter is fp32:
+        bf16/fp16 gradients leave ``param.grad`` after each backward, so a wrapper must
+        reduce each micro-batch). An FSDP2 model with ``fsdp_sync="window"`` gets
+        ``set_requires_gradient_sync(False)`` likewise; with ``"micro_batch"``, nothing.
+        ``sync=True`` forces the reduction on this micro-batch: for the last micro-batch of a
+        partial window (needed under FSDP2's window mode; under DDP, ``step(force=True)``
+        all-reduces the buckets itself otherwise). Also warns once when ``model`` holds
+        BatchNorm layers in training mode.
 
-        no_sync is used only when every parameter is fp32: bf16/fp16 gradients move from
-        ``param.grad`` into the fp32 bucket after each backward, so a wrapper must reduce
-        each micro-batch (a skipped reduce could not be caught up; a real DDP model is
-        refused in that case, see below). Also warns once when ``model`` holds BatchNorm
-        layers in training mode.
-
-        A ``DistributedDataParallel`` model turns the accumulator's own all-reduce off (DDP
-        reduces) after checking that DDP can do it right; it raises, before the forward and
-        changing nothing, for bf16/fp16 parameters, ``gradient_as_bucket_view=True``, DDP not
-        covering every parameter, an explicit ``process_group``, or an accumulator that has
-        already reduced a window itself (see the class docstring).
+        A DDP or FSDP2 model takes the reduction over after checking that it can do it right;
+        it raises, before the forward and changing nothing, in the cases the class docstring
+        lists, or when the accumulator has already reduced a window itself.
         """
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
         last = self._win.micro + 1 >= self.accumulation_steps
-        with self._engine.micro_batch(model, self._win, sync=last if sync is None else sync,
-                                      lowp=bool(self._lowp)):
-            yield
+        sync = last if sync is None else sync
+        # Whether a wrapper (DDP) reduces in this backward: its buckets are then no small batch.
+        self._wrapper_syncs = sync and self._engine.communicates and callable(getattr(model, "no_sync", None))
+        try:
+            with self._engine.micro_batch(model, self._win, sync=sync, lowp=bool(self._lowp)):
+                yield
+        finally:
+            self._wrapper_syncs = False
 
     def backward(self, loss: torch.Tensor, num_items=None) -> None:
         """Backward of one micro-batch's ``loss``, folded into the window's buckets.
@@ -257,16 +311,21 @@ class GradAccumulator:
         if first:
             if self._module is not None:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
+            self._engine.start_window(self.buckets)
             self._start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
         self.buckets.attach()
         scaled = self.scaler.scale(loss) if self._scale_active() else loss
         scaled.reshape(()).backward()
-        for b in self._lowp:
+        # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
+        weight = self._signals.weight(first, self._samples_first, host_items, dev_items, num_items is not None)
+        for i, b in enumerate(self._lowp):
             # One pass: accum (+)= landing, landing = 0 for the next backward. On the first
             # micro-batch accum is overwritten, not read: that is the window's reset.
-            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first)
+            sq = {} if weight is None else dict(sq_out=self._signals.sq[i], sq_weight=weight)
+            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first, **sq)
+        self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._guard.sync()
         win.micro += 1
@@ -274,6 +333,11 @@ class GradAccumulator:
         win.items_host += host_items
         if dev_items is not None:
             win.items_dev = dev_items if win.items_dev is None else win.items_dev + dev_items
+
+    def _samples_first(self) -> bool:
+        """Whether the fp32 buckets after this window's first backward hold a small batch:
+        not the window itself (K > 1, or data parallel), not already reduced by a wrapper."""
+        return not self._wrapper_syncs and (self._k > 1 or self._engine.communicates)
 
     @torch.no_grad()
     def _start_window(self) -> None:
@@ -323,8 +387,8 @@ class GradAccumulator:
         the count is a host number.
 
         Data parallel, without DDP: before the fused pass, one ``all_reduce(SUM)`` per
-        bucket, plus one of the window's item count (fp64, one element, on the device) with
-        ``num_items`` or ``force=True``; under DDP only that count, unless the window's last
+        bucket, plus one of a 6-element fp64 vector on the device (the window's count, loss
+        and noise-scale sums, micro-batches: docs/signals.md); under DDP only that vector, unless the window's last
         micro-batch ran under ``no_sync()`` (a partial window closed with ``force=True``):
         then the buckets too, over DDP's group. All launched at once (``async_op=True``),
         then waited on. A collective: call it on every rank alike.
@@ -343,7 +407,7 @@ class GradAccumulator:
             self._guard.sync()
         else:
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
-        stats, items = self._processed
+        stats, items, signals = self._processed
         total_norm, found_inf = stats[0], stats[1]
         # If the optimizer raises, the window stays closed and processed: a retry steps with
         # the same gradient instead of normalizing and clipping it a second time.
@@ -351,15 +415,28 @@ class GradAccumulator:
             _optim.optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf)
-        result = StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=self._win.micro,
-                            num_items=items)
+        loss, noise, items_per_micro = signals
+        micro = self._win.micro
         self._reset_window()
-        return result
+        change = None
+        if noise is not None:
+            # The adaptive policy: reads the host once every `every` windows (AdaptiveSteps).
+            change = self._signals.tracker.decide(noise, items_per_micro, self._engine.world_size, self._k)
+            if change is not None:
+                self._k = change.new
+        return StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=micro, num_items=items,
+                          loss=loss, noise_scale=noise, accumulation_steps_change=change)
 
     def _close_window(self, force: bool):
         """The engine's reductions, then the fused unscale/norm/clip pass into param.grad.
-        Returns (stats, the window's item count for the result)."""
-        denom, items = self._engine.reduce(self._accums, self._win, force, self.device)
+        Returns (stats, the window's item count for the result, (loss, noise, items per
+        micro-batch)). The window's signals ride on the engine's count all-reduce."""
+        win = self._win
+        # Only what has to travel is packed: one process without statistics needs the loss alone.
+        lean = self._signals.tracker is None and not self._engine.communicates
+        win.signals = None if lean else torch.cat([
+            self._signals.local_sums(self.device), torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
+        denom, items = self._engine.reduce(self._accums, win, force, self.device)
         if isinstance(denom, numbers.Real) and denom == 0:
             warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
                           "there is no gradient to normalize, so the step is skipped as on overflow "
@@ -367,10 +444,15 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
-        hook = self._engine.reduce_partials
+        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self._outs, **({} if hook is None else {"reduce_partials": hook}))
-        return stats, items
+                                    out=self._outs, reduce_partials=self._engine.reduce_partials)
+        # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
+        sums = self._signals.loss.total(self.device).reshape(1) if lean else win.signals[:4]
+        micro = win.micro if lean else win.signals[4]
+        count = items if win.items_given else micro  # items (or micro-batches) over all ranks
+        loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))
+        return stats, items, (loss, noise, None if noise is None else count / micro)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

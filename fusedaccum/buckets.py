@@ -1,11 +1,16 @@
 """Flat gradient buckets: every parameter's ``.grad`` is a view into one contiguous buffer
-per (device, dtype), so the fused ops touch a whole model in one launch per bucket."""
+per (device, dtype), so the fused ops touch a whole model in one launch per bucket.
+
+A DTensor parameter (an FSDP2 shard) gets a DTensor ``.grad`` with the parameter's mesh,
+placements and global shape, whose local tensor is the view: the bucket holds this rank's
+local shard only (unpadded: an uneven shard's padding is never in a bucket)."""
 
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from ._dtensor import dtensor_type
 from .ops import GRAD_DTYPES, _dense_layout
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
@@ -60,11 +65,17 @@ def _remove_handles(handles: list) -> None:
     handles.clear()
 
 
+def _local(p: torch.Tensor, dtensor) -> torch.Tensor:
+    """What the bucket holds of ``p``: its local shard for a DTensor, else ``p`` itself."""
+    return p._local_tensor if dtensor is not None and isinstance(p, dtensor) else p
+
+
 @dataclass(eq=False)
 class Bucket:
     """The parameters of one device and dtype, and their flat gradient storage.
 
-    ``accum`` is the fp32 accumulation buffer. For fp32 parameters it is also where the
+    ``views`` are what ``param.grad`` is set to (a DTensor around the view for a DTensor
+    parameter). ``accum`` is the fp32 accumulation buffer. For fp32 parameters it is also where the
     gradients land (``param.grad`` are views into it, and autograd accumulates in place).
     For bf16/fp16 parameters the gradients land in ``landing`` (parameter dtype), which the
     accumulate kernel folds into ``accum``.
@@ -136,6 +147,9 @@ class GradBuckets:
             unique.append(p)
         if not unique:
             raise ValueError("no parameter requires grad")
+        dtensor = dtensor_type()
+        #: whether the buckets hold shards of DTensor parameters (FSDP2)
+        self.sharded = dtensor is not None and any(isinstance(p, dtensor) for p in unique)
 
         groups: dict = {}
         for p in unique:
@@ -145,17 +159,23 @@ class GradBuckets:
             b = groups[key]
             b.params.append(p)
             b.offsets.append(b.numel)
-            b.numel += p.numel()
+            b.numel += _local(p, dtensor).numel()
         self.buckets: list[Bucket] = list(groups.values())
         for b in self.buckets:
             b.accum = torch.zeros(b.numel, dtype=torch.float32, device=b.device)
             if b.dtype != torch.float32:
                 b.landing = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
             for p, off in zip(b.params, b.offsets):
-                view = b.grads[off:off + p.numel()]
+                local = _local(p, dtensor)
+                view = b.grads[off:off + local.numel()]
                 # The parameter's own strides (channels_last, a transpose) where they are
                 # dense: autograd and DDP expect a gradient laid out like its parameter.
-                view = view.as_strided(p.shape, p.stride()) if _dense_layout(p) else view.view(p.shape)
+                dense = _dense_layout(local)
+                view = view.as_strided(local.shape, local.stride()) if dense else view.view(local.shape)
+                if local is not p:
+                    # FSDP2 adds each reduce-scattered shard into grad._local_tensor in place.
+                    view = dtensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                              run_check=False)
                 if p.grad is not None:
                     view.copy_(p.grad)
                 b.views.append(view)

@@ -12,6 +12,13 @@ AdamW and gradient clipping, one optimizer step per window of ``--window`` image
 
 All three see the same windows in the same order from the same initial weights. The table
 shows that (2) follows (1) to rounding error while (3) drifts away, and what each costs.
+
+(2) also logs what ``step()`` returns per optimizer step, with no host sync in the loop: the
+window's loss (``StepResult.loss``) and the gradient noise scale (``noise_scale=True``:
+``StepResult.noise_scale.b_simple``, in images). A fourth run lets the noise scale choose K
+(``AdaptiveSteps``: micro-batches of 16 images, K re-decided every few windows); the second
+table compares it with fixed K: optimizer steps and images seen until the training loss
+first reaches the level both runs reach.
 """
 
 import argparse
@@ -28,6 +35,8 @@ from torch import nn
 
 from . import _backend
 from .accumulator import GradAccumulator
+from .demo_plot import ACCUMULATED, ADAPTIVE, LARGE, NAIVE, plot
+from .signals import AdaptiveSteps, NoiseScaleSettings
 
 # In the directory the demo runs from, where the user finds it; .gitignore names it, so a run
 # in the checkout leaves nothing untracked.
@@ -90,7 +99,7 @@ def _adamw(model):
 
 
 class LargeBatch:
-    name = "large batch"
+    name = LARGE
 
     def __init__(self, model, k):
         self.model = model
@@ -108,29 +117,32 @@ class LargeBatch:
 
 
 class Accumulated:
-    name = "GradAccumulator"
+    name = ACCUMULATED
 
     def __init__(self, model, k):
         self.model = model
         self.opt = _adamw(model)
-        self.acc = GradAccumulator(model.parameters(), k, max_norm=MAX_NORM)
+        self.acc = GradAccumulator(model.parameters(), k, max_norm=MAX_NORM, noise_scale=NOISE)
+        self.noise = []  # b_simple per optimizer step, 0-d device tensors (read after training)
 
     def epoch(self, x, y, windows, log):
         for micro in windows:
-            total = 0.0
             for idx in micro:
                 with self.acc.accumulate(self.model):
                     loss = F.cross_entropy(self.model(x[idx]), y[idx], reduction="sum")
                     self.acc.backward(loss, num_items=len(idx))
-                total = total + loss.detach()
-                self.acc.step(self.opt)  # steps when the window holds K micro-batches
-            log.append(total / sum(len(i) for i in micro))
+                self._log(self.acc.step(self.opt), log)  # steps when the window holds K micro-batches
         if self.acc.micro_batches:  # the epoch's partial last window
-            self.acc.step(self.opt, force=True)
+            self._log(self.acc.step(self.opt, force=True), log)
+
+    def _log(self, result, log):
+        if result is not None:
+            log.append(result.loss)  # the window's per-image loss, on the device: no sync
+            self.noise.append(result.noise_scale.b_simple)
 
 
 class Naive:
-    name = "naive loop"
+    name = NAIVE
 
     def __init__(self, model, k):
         self.model, self.k = model, k
@@ -152,6 +164,37 @@ class Naive:
 
 
 METHODS = (LargeBatch, Accumulated, Naive)
+NOISE = NoiseScaleSettings(beta=0.98)
+ADAPTIVE_MICRO = 16  # images per micro-batch of the adaptive run
+
+
+class Adaptive:
+    """K chosen by the noise scale: K ≈ b_simple / 16 images, re-decided every 5 windows.
+    Windows run across epoch boundaries (no forced partial windows)."""
+
+    name = ADAPTIVE
+
+    def __init__(self, model, k):
+        self.model = model
+        self.opt = _adamw(model)
+        # K >= 2: with fp32 parameters the small batch is a window's first micro-batch, so a
+        # window of one micro-batch gives no estimate (see docs/signals.md).
+        policy = AdaptiveSteps(min_steps=2, max_steps=2 * k, every=5)
+        self.acc = GradAccumulator(model.parameters(), 2, max_norm=MAX_NORM,
+                                   noise_scale=NoiseScaleSettings(beta=NOISE.beta, adaptive=policy))
+        self.ks, self.noise, self.steps = [], [], 0
+
+    def epoch(self, x, y, micro, log):
+        for idx in micro:
+            with self.acc.accumulate(self.model):
+                loss = F.cross_entropy(self.model(x[idx]), y[idx], reduction="sum")
+                self.acc.backward(loss, num_items=len(idx))
+            result = self.acc.step(self.opt)
+            if result is not None:
+                self.steps += 1
+                log.append(result.loss)
+                self.noise.append(result.noise_scale.b_simple)
+                self.ks.append(result.micro_batches)
 
 
 # ------------------------------------------------------------------ measurements
@@ -264,23 +307,27 @@ def _run(epochs, k, window, device, out, seed, stream):
           f"= {k} micro-batches of uneven size (last window of each epoch: {last or window} images)",
           file=stream)
 
-    rows, curves, snapshots = [], {}, {}
-    for method in METHODS:
-        trainer = method(copy.deepcopy(init), k)
-        log, snaps, seconds = [], [], 0.0
-        for windows in schedule:
+    rows, curves, snapshots, progress, trainers = [], {}, {}, {}, {}
+    for method in METHODS + (Adaptive,):
+        trainer = trainers[method.name] = method(copy.deepcopy(init), k)
+        log, snaps, seconds, progress[method.name] = [], [], 0.0, []
+        for epoch, windows in enumerate(schedule):
+            if method is Adaptive:  # the same images in the same order, in micro-batches of 16
+                windows = list(torch.cat([torch.cat(w) for w in windows]).split(ADAPTIVE_MICRO))
             _sync(device)
             t0 = time.perf_counter()
             trainer.epoch(x, y, windows, log)
             _sync(device)
             seconds += time.perf_counter() - t0
             snaps.append(_flat(trainer.model))  # a copy to the host, outside the timing
+            progress[method.name].append((_evaluate(trainer.model, x, y)[0], len(log), (epoch + 1) * len(y)))
         curves[method.name] = torch.stack(log).cpu().tolist()
         snapshots[method.name] = snaps
         loss, _ = _evaluate(trainer.model, x, y)
         _, test_acc = _evaluate(trainer.model, x_test, y_test)
         rows.append(dict(method=method.name, loss=loss, test_acc=test_acc, seconds=seconds,
-                         peak=_peak_memory(method, init, x, y, schedule, k, device)))
+                         peak=None if method is Adaptive else _peak_memory(method, init, x, y, schedule, k, device)))
+    adaptive_row = rows.pop()
     reference = snapshots[LargeBatch.name]
     drift = {}
     for row in rows:
@@ -298,37 +345,35 @@ def _run(epochs, k, window, device, out, seed, stream):
     print("final loss: cross-entropy over the training set; peak mem: parameters, gradients, optimizer "
           "state and buckets plus the peak of one window's temporaries", file=stream)
 
-    _plot(curves, drift, labels, out, epochs)
+    fixed, adaptive = trainers[Accumulated.name], trainers[Adaptive.name]
+    noise = {name: torch.stack(t.noise).cpu().tolist() for name, t in ((Accumulated.name, fixed),
+                                                                         (Adaptive.name, adaptive))}
+    rows.append(_compare(adaptive_row, rows[1], progress, noise, adaptive.ks, k, window, stream))
+    labels[Adaptive.name] = f"adaptive K ({ADAPTIVE_MICRO} images/micro-batch)"
+    plot(curves, drift, labels, out, epochs, progress, noise, adaptive.ks, EXTRAS_HINT)
     print(f"plot saved to {os.path.abspath(out)}", file=stream)
     return rows
 
 
-def _plot(curves, drift, labels, out, epochs):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise SystemExit(f"the demo needs matplotlib ({exc}): {EXTRAS_HINT}") from None
-    fig = Figure(figsize=(11, 4.2))
-    FigureCanvasAgg(fig)  # no pyplot, no global backend state
-    ax_loss, ax_drift = fig.subplots(1, 2)
-    styles = {LargeBatch.name: dict(color="black", lw=2.5, alpha=0.5),
-              Accumulated.name: dict(color="tab:blue", lw=1.0, ls="--"),
-              Naive.name: dict(color="tab:red", lw=1.0)}
-    for name, values in curves.items():
-        ax_loss.plot(range(1, len(values) + 1), values, label=labels[name], **styles[name])
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss of the window", yscale="log",
-                title="loss curves")
-    ax_loss.legend()
-    for name, values in drift.items():
-        if name != LargeBatch.name:
-            ax_drift.plot(range(1, epochs + 1), [max(v, 1e-12) for v in values], marker="o", ms=3,
-                          label=labels[name], **styles[name])
-    ax_drift.set(xlabel="epoch", ylabel="max |w - w_large batch|", yscale="log",
-                 title="distance to large-batch training")
-    ax_drift.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+def _compare(adaptive_row, fixed_row, progress, noise, ks, k, window, stream):
+    """The second table: fixed K against K from the noise scale, to the same training loss."""
+    target = max(progress[Accumulated.name][-1][0], progress[Adaptive.name][-1][0])
+    print(f"\nK from the noise scale: windows of K x {ADAPTIVE_MICRO} images, K = b_simple / {ADAPTIVE_MICRO} "
+          f"re-decided every 5 windows (one host read each), against fixed K = {k} ({window} images)", file=stream)
+    print(f"{'run':<24} {'final loss':>10} {'test acc':>9} {'steps':>6} {'to loss':>8} {'steps':>6} "
+          f"{'images':>7} {'K used':>10} {'b_simple first/last':>20}", file=stream)
+    for name, row, label in ((Accumulated.name, fixed_row, f"fixed K={k}"),
+                             (Adaptive.name, adaptive_row, "adaptive K")):
+        loss, steps, images = next(p for p in progress[name] if p[0] <= target)
+        row.update(reach=dict(target=target, steps=steps, images=images), steps=progress[name][-1][1])
+        used = f"{k}" if name == Accumulated.name else f"{min(ks)}..{max(ks)}"
+        finite = [v for v in noise[name] if v == v and v > 0]
+        b = f"{finite[0]:.0f} / {finite[-1]:.0f}" if finite else "n/a"
+        print(f"{label:<24} {row['loss']:>10.4f} {100 * row['test_acc']:>8.1f}% {row['steps']:>6} {target:>8.4f} "
+              f"{steps:>6} {images:>7} {used:>10} {b:>20}", file=stream)
+    print("to loss: the training-set loss both runs reach (checked at epoch ends); steps, images: until then. "
+          "b_simple: the noise scale in images (EMA, bias corrected)", file=stream)
+    return adaptive_row
 
 
 def main(argv=None) -> int:

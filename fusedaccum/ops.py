@@ -64,7 +64,7 @@ def _norm_order(norm_type) -> float:
 
 @torch.no_grad()
 def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: bool = False,
-                overwrite: bool = False) -> torch.Tensor:
+                overwrite: bool = False, sq_out: "torch.Tensor | None" = None, sq_weight=1.0) -> torch.Tensor:
     """``acc += grad * scale`` in one pass; returns ``acc``.
 
     acc: contiguous fp32 tensor. grad: contiguous fp32/bf16/fp16 tensor with as many
@@ -72,6 +72,10 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     ``zero_grad=True`` also writes zeros into ``grad`` in the same pass (for a landing
     bucket that the next backward accumulates into). ``overwrite=True`` computes
     ``acc = grad * scale`` without reading ``acc`` (the first micro-batch of a window).
+    ``sq_out`` (fp32, contiguous, ``sq_slots(acc)`` slots, e.g. zeros): the same pass adds
+    ``sq_weight * Σ grad²`` (of grad as given, before ``zero_grad``) into its slots, or sets
+    them to it with ``overwrite``; ``sq_out.sum()`` is the running total. ``sq_weight``: a
+    float or a one-element tensor. Used by the gradient noise scale (``fusedaccum.signals``).
     """
     _check_flat(acc, "acc", (torch.float32,))
     _check_flat(grad, "grad")
@@ -82,9 +86,35 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     if _overlap(acc, grad):
         raise ValueError("acc and grad overlap in memory")
     s = _scalar(scale, "scale", acc.device)
+    if sq_out is None:
+        _backend.implementation(acc.device).accumulate_(
+            acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
+        return acc
+    _check_flat(sq_out, "sq_out", (torch.float32,))
+    if sq_out.device != acc.device or sq_out.numel() == 0:
+        raise ValueError(f"sq_out must hold at least one element on {acc.device}, got {sq_out.numel()} on "
+                         f"{sq_out.device}")
+    if _overlap(sq_out, acc) or _overlap(sq_out, grad):
+        raise ValueError("sq_out overlaps acc or grad in memory")
+    w = _scalar(sq_weight, "sq_weight", acc.device)
     _backend.implementation(acc.device).accumulate_(
-        acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
+        acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite),
+        sq_out=sq_out.view(-1), sq_weight=w)
     return acc
+
+
+@torch.no_grad()
+def _sum_squares(tensors) -> torch.Tensor:
+    """Σx² over flat fp32/bf16/fp16 tensors on one device, fp64 0-d; one read pass (the
+    norm's phase 1, then a fold of its per-program fp32 partials in fp64), no sync."""
+    flat = [t.view(-1) for t in tensors]
+    partials = _backend.implementation(flat[0].device).norm_partials(flat, 1.0, 2.0)
+    return partials[0].sum(dtype=torch.float64)
+
+
+def sq_slots(t: torch.Tensor) -> int:
+    """How many ``sq_out`` slots ``accumulate_`` fills for ``t`` (its backend's choice)."""
+    return _backend.implementation(t.device).sq_slots(t.numel())
 
 
 def _as_list(tensors, name: str) -> list:
@@ -248,9 +278,17 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     it; the fused norm does not, so the two differ within one bf16 rounding of that part.
     ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
     gradients are then left unscaled when it raises.
+    FSDP2 (DTensor) gradients whose local shards tile flat buffers (a ``GradAccumulator``'s):
+    the same passes over the local shards, with one all-gather of the norm's partials over
+    the shard group between them; the norm comes back as a replicated DTensor, as torch's.
     """
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
+    if grads and torch.distributed.is_available():
+        from . import _dtensor
+
+        if any(_dtensor.is_dtensor(g) for g in grads):  # FSDP2 shards: their norm is gathered
+            return _dtensor.clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach)
     buffers = _covering_buckets(grads) if grads and _fusable_clip_args(max_norm, norm_type) else None
     dtypes = {g.dtype for g in grads}
     if buffers is None or torch.float16 in dtypes:

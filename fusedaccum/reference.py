@@ -47,6 +47,30 @@ def _add_(acc: torch.Tensor, x: torch.Tensor, scale: "float | torch.Tensor") -> 
         acc.add_(x, alpha=scale)
 
 
+def _accumulate_pieces(acc, g, scale, overwrite: bool, squares: "list | None") -> None:
+    """acc (+)= g * scale; with ``squares``, also the fp32 row norms of g's values."""
+    note = (lambda x: None) if squares is None else (lambda x: squares.extend(_partial_norms(x, 2.0)))
+    if overwrite:
+        # copy_ then mul_, not torch.mul(g, s, out=acc): that would round the product to
+        # grad's (possibly bf16) dtype before it lands in fp32.
+        for piece in (_pieces(acc) if squares is not None else [slice(0, acc.numel())]):
+            a = acc[piece]
+            a.copy_(g[piece])
+            note(a)
+            a.mul_(scale)
+    elif g.dtype == acc.dtype:
+        note(g)
+        _add_(acc, g, scale)
+    else:
+        # The sum in fp32 of an exact fp32 copy of grad, piece by piece: the same bits as a
+        # mixed-dtype add_, which converts element by element and is slow on the CPU.
+        scratch = torch.empty(0, dtype=acc.dtype, device=acc.device)
+        for piece in _pieces(acc):
+            x = scratch.resize_(piece.stop - piece.start).copy_(g[piece])
+            note(x)
+            _add_(acc[piece], x, scale)
+
+
 def accumulate_(
     acc: torch.Tensor,
     grad: torch.Tensor,
@@ -54,24 +78,30 @@ def accumulate_(
     *,
     zero_grad: bool,
     overwrite: bool,
+    sq_out: "torch.Tensor | None" = None,
+    sq_weight: "float | torch.Tensor" = 1.0,
 ) -> torch.Tensor:
     g = grad.view(-1)
-    if overwrite:
-        # copy_ then mul_, not torch.mul(g, s, out=acc): that would round the product to
-        # grad's (possibly bf16) dtype before it lands in fp32.
-        acc.copy_(g)
-        acc.mul_(scale)
-    elif g.dtype == acc.dtype:
-        _add_(acc, g, scale)
+    if sq_out is None:
+        _accumulate_pieces(acc, g, scale, overwrite, None)
     else:
-        # The sum in fp32 of an exact fp32 copy of grad, piece by piece: the same bits as a
-        # mixed-dtype add_, which converts element by element and is slow on the CPU.
-        scratch = torch.empty(0, dtype=acc.dtype, device=acc.device)
-        for piece in _pieces(acc):
-            _add_(acc[piece], scratch.resize_(piece.stop - piece.start).copy_(g[piece]), scale)
+        # Σ grad² of the fp32 values the pass adds, piece by piece while each is in cache:
+        # fp32 rows folded in fp64, like the norm. The whole sum goes into slot 0 (the kernels
+        # spread it over one slot per program).
+        squares = []
+        _accumulate_pieces(acc, g, scale, overwrite, squares)
+        sq = torch.cat(squares).double().square().sum().float() if squares else torch.zeros((), device=g.device)
+        if overwrite:
+            sq_out.zero_()
+        sq_out[0] += sq * sq_weight
     if zero_grad:
         grad.zero_()
     return acc
+
+
+def sq_slots(n: int) -> int:
+    """How many ``sq_out`` slots ``accumulate_`` fills for a bucket of ``n`` elements."""
+    return 1
 
 
 def _inv(inv_scale, device) -> torch.Tensor:

@@ -33,11 +33,16 @@ def variants():
         for from_ptr in (False, True):
             for overwrite, zero in ((False, False), (True, True), (False, True)):
                 for n in ("i32", "i64"):
-                    yield (acc_mod.accumulate_kernel,
-                           {"acc_ptr": "*fp32", "grad_ptr": PTR[g], "scale_ptr": "*fp32", "scale_value": "fp32",
-                            "n": n, "tiles_per_program": "i32"},
-                           {"SCALE_FROM_PTR": from_ptr, "OVERWRITE": overwrite, "ZERO_GRAD": zero, "BLOCK": BLOCK},
-                           NUM_WARPS)
+                    # Σ grad² partials (signals): off, on with a float weight, on with a tensor weight.
+                    for sq, sq_from_ptr in ((False, False),) + (((True, False), (True, True))
+                                                                 if n == "i64" and not from_ptr else ()):
+                        yield (acc_mod.accumulate_kernel,
+                               {"acc_ptr": "*fp32", "grad_ptr": PTR[g], "scale_ptr": "*fp32", "scale_value": "fp32",
+                                "n": n, "tiles_per_program": "i32", "sq_ptr": "*fp32", "sq_weight_ptr": "*fp32",
+                                "sq_weight_value": "fp32"},
+                               {"SCALE_FROM_PTR": from_ptr, "OVERWRITE": overwrite, "ZERO_GRAD": zero,
+                                "BLOCK": BLOCK, "SQ": sq, "SQ_WEIGHT_FROM_PTR": sq_from_ptr},
+                               NUM_WARPS)
     for x in PTR:
         for kind in KINDS:
             for from_ptr in (False, True):

@@ -379,9 +379,11 @@ def worker(rank, world, rdzv, out_dir, names):
 
 # ---------------------------------------------------------------- launching (pytest side)
 
-def launch(tmp_path, backend, names, timeout=90):
+def launch(tmp_path, backend, names, timeout=90, script=__file__):
+    """Run ``names`` (scenarios) on WORLD workers, each ``script`` run as a script (this file,
+    or another test file whose ``__main__`` adds its scenarios and calls ``worker``)."""
     env = dict(os.environ, FUSEDACCUM_BACKEND=backend, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(WORLD), str(tmp_path / "rdzv"),
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(WORLD), str(tmp_path / "rdzv"),
                                str(tmp_path), ",".join(names)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
     logs = []
@@ -475,14 +477,14 @@ def test_token_weighted_two_ranks_equal_one_process(runs):
 
 def test_collectives_one_all_reduce_per_bucket_per_step(runs):
     """Own reduction: no collective during any micro-batch; at each step one all_reduce per
-    bucket (fp32, the bucket's size), plus one of the fp64 item count with num_items or a
-    forced window. Under DDP: none of ours for mean windows, only the item count with
-    num_items; DDP's own all-reduce only on the last micro-batch of a window."""
+    bucket (fp32, the bucket's size), plus one of the fp64 count vector (the item count and
+    the window's signals: [count, loss, noise-scale sums (3), micro-batches]). Under DDP: only
+    that vector; DDP's own all-reduce only on the last micro-batch of a window."""
     bucket = (NUMEL, "float32")
-    count = (1, "float64")
+    count = (6, "float64")
     for rank, rec in enumerate(ok(runs["mean_clip"])):
         assert rec["micro_calls"] == [0] * (8 - rank)  # the partial window: 2 micro-batches, 1
-        assert rec["step_calls"] == [[bucket], [bucket], [count, bucket]]
+        assert rec["step_calls"] == [[count, bucket]] * 3
     for rec in ok(runs["items_clip"]):
         assert rec["micro_calls"] == [0] * 6
         assert rec["step_calls"] == [[count, bucket]] * 2
@@ -492,10 +494,10 @@ def test_collectives_one_all_reduce_per_bucket_per_step(runs):
         assert rec["step_calls"] == [[count, (bf16_numel, "float32"), (NUMEL - bf16_numel, "float32")]] * 2
     for rank, rec in enumerate(ok(runs["ddp_mean"])):
         assert rec["micro_calls"] == [0] * (8 - rank)
-        assert rec["step_calls"] == [[], [], [count]]
+        assert rec["step_calls"] == [[count]] * 3
     for rank, rec in enumerate(ok(runs["ddp_mean_quickstart"])):  # the partial window: nobody else reduced it
         assert rec["micro_calls"] == [0] * (8 - rank)
-        assert rec["step_calls"] == [[], [], [count, bucket]]
+        assert rec["step_calls"] == [[count], [count], [count, bucket]]
     for rank, rec in enumerate(ok(runs["ddp_items"])):
         assert rec["micro_calls"] == [0] * 6
         assert rec["step_calls"] == [[count]] * 2
@@ -544,7 +546,7 @@ def test_ddp_not_shown_is_still_right(runs):
     records = ok(runs["ddp_unshown"])
     ref, norms = reference(ITEMS_PLAN, per_item=True, max_norm=MAX_NORM)
     assert_matches(records, ref, norms)
-    assert records[0]["step_calls"] == [[(1, "float64"), (NUMEL, "float32")]] * 2
+    assert records[0]["step_calls"] == [[(6, "float64"), (NUMEL, "float32")]] * 2  # count + signals, bucket
 
 
 def test_refused_ddp_cases_raise_clearly(runs):
@@ -562,7 +564,7 @@ def test_refused_ddp_cases_raise_clearly(runs):
         assert out[key].startswith("ValueError") and "only one of them" in out[key]
     assert out["bad_group"].startswith("TypeError") and "ProcessGroup" in out["bad_group"]
     assert out["not_covered"].startswith("ValueError") and "(3,)" in out["not_covered"]
-    assert out["own_step_calls"] == 1
+    assert out["own_step_calls"] == 2  # the bucket, and the count vector with the window's loss
     assert out["late_ddp"].startswith("RuntimeError") and "already all-reduced" in out["late_ddp"]
 
 

@@ -270,6 +270,46 @@ def window_group(n, device, k=WINDOW_K) -> Group:
     return g
 
 
+def signals_window_group(n, device, param_dtype, k=WINDOW_K) -> Group:
+    """The window step of ``window_group`` with and without ``noise_scale=True`` (and the
+    window's loss, always on), in one run: what the statistics cost. fp32 parameters: one
+    more read of the bucket after the first backward; bf16: none (Σg² in the accumulate pass)."""
+    pd = _dt(param_dtype)
+    op = f"window step {pd} params (K={k}), noise scale"
+    g = Group(op, n)
+    sizes = split_sizes(LIST_LAYOUTS["gpt2-148"], n)
+    grads = lambda: g.get("grads", lambda: list(_randn(n, param_dtype, device).split(sizes)))  # noqa: E731
+
+    def window_of(noise):
+        def build():
+            gs = grads()
+            ps = [torch.nn.Parameter(torch.empty(s, device=device, dtype=param_dtype)) for s in sizes]
+            acc = fusedaccum.GradAccumulator(ps, k, max_norm=MAX_NORM, noise_scale=noise)
+            opt = NullOptimizer(ps)
+
+            def window():
+                for _ in range(k):
+                    acc.backward(_InjectGrads.apply(gs, *ps))
+                return acc.step(opt)
+            return window
+        return build
+
+    if param_dtype == torch.float32:
+        base, note = 12 * k + 16, f"zero bucket 4 + {k} x autograd in-place add 12 + step (norm 4 + apply 8)"
+        extra, extra_note = 4, " + first micro-batch's norm read 4"
+    else:  # landing in bf16 (e = 2 bytes), fp32 sums
+        base = 2 + 6 * k + 8 + 12 * (k - 1) + 10
+        note = (f"zero landing 2 + {k} x autograd in-place add 6 + accumulate (first 8, then 12) + "
+                "step (norm 4 + apply 6)")
+        extra, extra_note = 0, " + Σg² in the accumulate pass 0"
+    g.specs += [
+        Spec(op, "GradAccumulator(noise_scale=True)", "gpt2-148", len(sizes), n, pd, base + extra,
+             note + extra_note, window_of(True), True),
+        Spec(op, "GradAccumulator (no statistics)", "gpt2-148", len(sizes), n, pd, base, note, window_of(False)),
+    ]
+    return g
+
+
 def build_plan(sizes, device, *, compile_=True, quick=False) -> list:
     groups = []
     window = hasattr(fusedaccum, "GradAccumulator")
@@ -283,6 +323,8 @@ def build_plan(sizes, device, *, compile_=True, quick=False) -> list:
         ]
         if window:
             groups.append(window_group(n, device))
+        if hasattr(fusedaccum, "NoiseScaleSettings"):
+            groups += [signals_window_group(n, device, torch.float32), signals_window_group(n, device, torch.bfloat16)]
     groups += gpt2_groups(device, GPT2_TINY if quick else GPT2_SMALL, "gpt2-tiny" if quick else "gpt2-small")
     return groups
 

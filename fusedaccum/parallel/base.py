@@ -44,6 +44,9 @@ class Window:
     items_host: float = 0  # Python-number part of the items
     items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
     unsynced: bool = False  # the last micro-batch ran under a wrapper's no_sync()
+    # The window's signals (fusedaccum.signals: loss, noise-scale sums, micro-batches), fp64 on
+    # the device, set at the step: global_normalizer makes them global with the count.
+    signals: "torch.Tensor | None" = None
 
     def items(self):
         """The window's own item count (None without num_items)."""
@@ -79,14 +82,22 @@ def local_normalizer(window: Window):
 def global_normalizer(window: Window, group, world_size: int, force: bool, device):
     """The window's count over all ranks: (host number or 0-d fp64 device tensor, work handles
     to wait on). The count is all-reduced only when it can differ between ranks (num_items,
-    or a partial window closed with force=True); no host sync."""
-    if not (window.items_given or force):
+    or a partial window closed with force=True); no host sync. ``window.signals`` ride in the
+    same all-reduce (one fp64 vector ``[count, signals...]``), and become global in place;
+    they cost one all-reduce of their own only for a full window of micro-batch means."""
+    counted = window.items_given or force
+    if not counted and window.signals is None:
         return window.micro * world_size, []  # every rank closes a full window of micro-batch means
     host = window.items_host if window.items_given else window.micro
     count = torch.full((1,), host, dtype=torch.float64, device=device)
     if window.items_given and window.items_dev is not None:
         count += window.items_dev
-    return count.reshape(()), all_reduce_async([count], group)
+    if window.signals is not None:
+        count = torch.cat([count, window.signals])
+        window.signals = count[1:]  # a view: global once the all-reduce is waited on
+    works = all_reduce_async([count], group)
+    # A full window of means keeps its host count: the gradient's multiplier stays as it was.
+    return (count[0] if counted else window.micro * world_size), works
 
 
 def wait(works) -> None:
@@ -109,6 +120,8 @@ class Engine:
 
     #: the ``process_group`` argument the engine was built from (None: chosen automatically)
     process_group = None
+    #: the accumulator's engine options (``fsdp_sync``), handed to a wrapper's engine
+    options: dict = {}
 
     def adopt(self, model, params) -> "Engine":
         """The engine after ``model`` was shown; raises (changing nothing) when it cannot be.
@@ -123,8 +136,20 @@ class Engine:
     def hand_over(self, cls, model, params) -> "Engine":
         """Give the window to ``cls``'s engine for the wrapper ``model``. ``cls.check`` refuses
         when this engine was built with an explicit ``process_group`` (two owners)."""
-        cls.check(model, params, self.process_group)
-        return cls(model)
+        cls.check(model, params, self.process_group, self.options)
+        return cls(model, self.options)
+
+    def start_window(self, buckets) -> None:
+        """A window's first micro-batch is about to run (before its backward)."""
+        if buckets.sharded:
+            raise RuntimeError(
+                "this GradAccumulator's parameters are DTensors (FSDP2 shards) but no FSDP2 model was shown to "
+                "it: nothing would make their norm global, and a process-group all-reduce would add different "
+                "shards together. Build GradAccumulator(fsdp_model, ...) or run each micro-batch in "
+                "accumulate(fsdp_model)")
+
+    def check_saveable(self, window: Window) -> None:
+        """``state_dict()`` mid-window: raise if the buckets do not hold the whole window."""
 
     @contextlib.contextmanager
     def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):

@@ -3,8 +3,9 @@
 ``accumulate(ddp_model)`` enters ``no_sync()`` on all but the last micro-batch, so DDP
 all-reduces (mean) the window's sums once, during the last backward; the buckets then hold
 DDP's mean and the multiplier becomes ``world_size / global count``. The accumulator
-communicates only the count, when it can differ between ranks (``num_items``, or a partial
-window closed by ``step(force=True)``). Such a partial window ran its last micro-batch under
+communicates only the count vector: the count (which can differ between ranks with
+``num_items``, or in a partial window closed by ``step(force=True)``) and the window's loss
+and statistics. Such a partial window ran its last micro-batch under
 ``no_sync()`` (``accumulate`` cannot know it was the last): nobody reduced it, so ``step``
 all-reduces its buckets over DDP's group then, as the process-group engine would.
 """
@@ -68,9 +69,13 @@ class DDP(Engine):
     """DDP's mean all-reduce in the window's last backward; the count at the step."""
 
     wraps = staticmethod(is_ddp)
-    check = staticmethod(check_ddp)
 
-    def __init__(self, ddp):
+    @staticmethod
+    def check(model, params, process_group, options=None) -> None:
+        check_ddp(model, params, process_group)
+
+    def __init__(self, ddp, options=None):
+        self.options = dict(options or {})
         self.group = getattr(ddp, "process_group", None)
         self.world_size = dist().get_world_size(self.group)
         self._checked = weakref.WeakSet([ddp])  # the DDP models already checked
@@ -79,6 +84,7 @@ class DDP(Engine):
         if model in self._checked:
             return self
         if cls is not DDP:
+            cls.check(model, params, None, self.options)
             raise ValueError(f"a {type(model).__name__} model after a DistributedDataParallel one: one "
                              "GradAccumulator follows one data-parallel engine")
         check_ddp(model, params, None)

@@ -1,9 +1,9 @@
 """The accumulator all-reduces its own buckets over a process group (no wrapper model).
 
 At ``step``, right before the fused unscale/norm/clip pass: one ``all_reduce(SUM)`` per fp32
-accumulation bucket, plus one of the window's item count (fp64, one element, on the device)
-with ``num_items`` or ``force=True``; all launched at once (``async_op=True``), the count
-first, then waited on. The normalizer becomes global (``world_size * micro_batches``, or the
+accumulation bucket, plus one of the window's count vector (fp64 on the device: the item
+count, and the window's loss and noise-scale sums, ``base.global_normalizer``); all
+launched at once (``async_op=True``), the count first, then waited on. The normalizer becomes global (``world_size * micro_batches``, or the
 all-reduced count), so the norm, the clip and ``found_inf`` are those of the global gradient
 on every rank: all ranks skip or step together with no collective for the decision.
 Nothing is communicated during the micro-batches.
@@ -48,6 +48,14 @@ class Auto(Engine):
     def __init__(self):
         self._fixed: "Group | None" = None
 
+    @property
+    def world_size(self) -> int:
+        """The world the next step reduces over (without fixing the choice)."""
+        if self._fixed is not None:
+            return self._fixed.world_size
+        d = dist()
+        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
     def _current(self) -> Engine:
         if self._fixed is not None:
             return self._fixed
@@ -58,29 +66,32 @@ class Auto(Engine):
         return Local(None)  # not fixed: torch.distributed may be initialized, a wrapper shown, later
 
     def hand_over(self, cls, model, params) -> Engine:
-        cls.check(model, params, None)
+        cls.check(model, params, None, self.options)
         if self._fixed is not None:
             raise RuntimeError(
                 "this GradAccumulator has already all-reduced its own gradients (process_group=None chose "
                 "the default group at its first step, when no data-parallel wrapper had been shown to it); "
                 f"with a {type(model).__name__} model now, both would reduce. Show the wrapper model from the "
                 "start: GradAccumulator(model, ...), or accumulate(model) on every micro-batch")
-        return cls(model)
+        return cls(model, self.options)
 
     def reduce(self, accums, window: Window, force: bool, device):
         return self._current().reduce(accums, window, force, device)
 
     def __repr__(self) -> str:
-        return f"Auto({self._current()!r})"
+        return f"Auto({self._fixed!r})" if self._fixed is not None else "Auto()"  # no side effect
 
 
-def select(process_group) -> Engine:
+def select(process_group, options=None) -> Engine:
     """The engine for a ``process_group`` argument, before any wrapper model is shown."""
     if process_group is False:
-        return Local(False)
-    if process_group is None:
-        return Auto()
-    return Group(process_group, dist().get_world_size(process_group))
+        engine = Local(False)
+    elif process_group is None:
+        engine = Auto()
+    else:
+        engine = Group(process_group, dist().get_world_size(process_group))
+    engine.options = dict(options or {})
+    return engine
 
 
 @torch.no_grad()

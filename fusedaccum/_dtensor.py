@@ -1,0 +1,89 @@
+"""Sharded (DTensor, FSDP2) gradients: the ``reduce_partials`` hook that makes the norm's
+partials global (one gather over the shard group), and ``clip_grad_norm_`` over DTensor grads."""
+
+import functools
+
+import torch
+
+from .ops import CLIP_EPS, GRAD_DTYPES, _covering_buckets, _fusable_clip_args, _unscale_clip_stats
+
+__all__ = ["clip_grad_norm_", "dtensor_type", "gather_partials", "is_dtensor", "shard_group"]
+
+
+def dtensor_type():
+    """torch's DTensor class, or None where torch.distributed is not built."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def gather_partials(group, world_size: int):
+    """A ``reduce_partials`` hook: one all-gather (``all_gather_single``; before torch 2.13
+    ``all_gather_into_tensor``) of the local partials (slots along the last dim) over
+    ``group``; returns them concatenated along the slots, rank by rank, so that every rank
+    finalizes the same numbers in the same order (bitwise alike)."""
+    def reduce_partials(partials: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        local = partials.reshape(-1)  # flat: gloo gathers along dim 0 only
+        out = local.new_empty(world_size * local.numel())
+        gather(out, local, group=group)
+        out = out.view((world_size,) + tuple(partials.shape))
+        return out.movedim(0, -2).reshape(*partials.shape[:-1], world_size * partials.shape[-1])
+
+    return reduce_partials
+
+
+def shard_group(grads):
+    """(mesh, the group over which ``grads`` are sharded, its size), or None when they are not all
+    DTensors on one mesh sharded along one mesh dimension and replicated along the others
+    (FSDP2; HSDP), the layouts whose norm is the gathered sum of the local ones."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, dims = grads[0].device_mesh, set()
+    for g in grads:
+        if not is_dtensor(g) or g.device_mesh != mesh:
+            return None
+        sharded = [i for i, pl in enumerate(g.placements) if isinstance(pl, Shard)]
+        if len(sharded) != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in g.placements):
+            return None
+        dims.add(sharded[0])
+    if len(dims) != 1:
+        return None
+    dim = dims.pop()
+    return mesh, mesh.get_group(dim), mesh.size(dim)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach):
+    """``fusedaccum.clip_grad_norm_`` for DTensor gradients: the fused pass over the flat
+    buffers behind their local shards, with one gather of the norm's partials; torch's
+    implementation when they are not such views (or for the arguments torch decides)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    sharding = shard_group(grads)
+    local = [g._local_tensor for g in grads]
+    buffers = (_covering_buckets(local) if sharding is not None and _fusable_clip_args(max_norm, norm_type)
+               else None)
+    dtypes = {g.dtype for g in local}
+    if buffers is None or torch.float16 in dtypes or not dtypes <= set(GRAD_DTYPES):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    mesh, group, size = sharding
+    hook = gather_partials(group, size) if size > 1 else None
+    stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS, reduce_partials=hook,
+                                skip_if_nonfinite=bool(error_if_nonfinite))
+    total = stats[0].to(functools.reduce(torch.promote_types, dtypes))
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+            "norm anyway, set `error_if_nonfinite=False`")
+    # Every rank holds the global norm: a replicated DTensor, as torch returns a DTensor.
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
