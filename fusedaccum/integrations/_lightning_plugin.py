@@ -129,6 +129,7 @@ def make_precision_class(pl, module_name: str):
             self._trainer = None
             self._next_items = None  # num_items of the training_step whose backward comes next
             self._clip_checked = False  # clip_gradients ran (and agreed) on this step
+            self._restored_window = False  # the current window began before a checkpoint was loaded
             self._reset_window_log()
 
         def _reset_window_log(self) -> None:
@@ -230,7 +231,7 @@ def make_precision_class(pl, module_name: str):
             acc = self._require_accumulator()
             items, self._next_items = self._next_items, None
             acc.backward(tensor, num_items=items)
-            loss = tensor.detach().reshape(()).float()
+            loss = tensor.detach().reshape(()).double()  # fp64, as StepResult.loss sums them
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             if items is not None:
                 self._items_sum = self._items_sum + (items.detach().reshape(()).double()
@@ -272,18 +273,21 @@ def make_precision_class(pl, module_name: str):
             self._clip_checked = True
 
         def _window_loss(self, result):
-            """The window's loss, normalized as its gradient: Σ loss / micro-batches, or Σ loss_sum / Σ items.
-            Under data parallel the numerator and the count are all-reduced (one small collective)."""
-            loss = getattr(result, "loss", None)  # newer fusedaccum returns it
-            if loss is not None:
-                return loss
-            count = (self._items_sum if result.num_items is not None else result.micro_batches)
-            both = torch.stack([self._loss_sum.double(), torch.as_tensor(count, dtype=torch.float64,
+            """The window's loss, normalized as its gradient (Σ loss / micro-batches, or Σ loss_sum / Σ
+            items; over all ranks): ``StepResult.loss``, except for a window restored mid-way from a
+            checkpoint, whose earlier micro-batches' losses GradAccumulator's state dict does not keep
+            (fusedaccum 0.1): the plugin's own sums, kept in its checkpoint, give it then (under data
+            parallel with one small all-reduce)."""
+            restored, self._restored_window = self._restored_window, False
+            if result.loss is not None and not restored:
+                return result.loss
+            count = self._items_sum if result.num_items is not None else result.micro_batches
+            both = torch.stack([self._loss_sum, torch.as_tensor(count, dtype=torch.float64,
                                                                          device=self._loss_sum.device)])
             dist = torch.distributed
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(both)
-            return (both[0] / both[1]).float()
+            return both[0] / both[1]
 
         def _log(self, model, result) -> None:
             metrics = {"loss": self._window_loss(result), "grad_norm": result.total_norm,
@@ -315,6 +319,7 @@ def make_precision_class(pl, module_name: str):
             self._loss_sum = None if loss is None else loss.to(self.accumulator.device)
             items = state_dict["items_sum"]
             self._items_sum = items.to(self.accumulator.device) if isinstance(items, torch.Tensor) else items
+            self._restored_window = self.accumulator.micro_batches > 0
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
             # A stock '16-mixed' checkpoint keeps GradScaler's state under MixedPrecision: LossScaler
