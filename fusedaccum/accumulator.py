@@ -423,7 +423,7 @@ class GradAccumulator:
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs, reduce_partials=self._engine.reduce_partials)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
-        sums = self._signals.loss.total(self.device).reshape(1) if lean else win.signals[:4]
+        sums = self._signals.local_loss(self.device).reshape(1) if lean else win.signals[:4]
         micro = win.micro if lean else win.signals[4]
         count = items if win.items_given else micro  # items (or micro-batches) over all ranks
         loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))

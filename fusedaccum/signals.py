@@ -315,6 +315,11 @@ class WindowSignals:
             if first and self.fp32:
                 self.fp32_sq = sum_squares(self.fp32) * weight
 
+    def local_loss(self, device) -> torch.Tensor:
+        """Σ of this rank's micro-batch losses, fp64 0-d (with those before a resume)."""
+        total = self.loss.total(device)
+        return total if self.carried is None else total + self.carried[0]
+
     def local_sums(self, device) -> torch.Tensor:
         """fp64 ``[Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n]`` of this rank's window."""
         parts = [self.loss.total(device)]
