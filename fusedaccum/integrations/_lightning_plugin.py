@@ -129,12 +129,6 @@ def make_precision_class(pl, module_name: str):
             self._trainer = None
             self._next_items = None  # num_items of the training_step whose backward comes next
             self._clip_checked = False  # clip_gradients ran (and agreed) on this step
-            self._restored_window = False  # the current window began before a checkpoint was loaded
-            self._reset_window_log()
-
-        def _reset_window_log(self) -> None:
-            self._loss_sum = None  # the window's micro-batch losses, summed on the device
-            self._items_sum = 0
 
         # -------------------------------------------------------------- set-up
         def connect(self, model, optimizers, lr_schedulers):
@@ -157,7 +151,6 @@ def make_precision_class(pl, module_name: str):
             loop = trainer.fit_loop.epoch_loop.automatic_optimization
             loop.output_result_cls = _ClosureResultAdapter(self, automatic.ClosureResult)
             self._loop, self._trainer = loop, trainer
-            self._reset_window_log()
             if self._pending_state is not None:
                 state, self._pending_state = self._pending_state, None
                 self.load_state_dict(state)
@@ -231,11 +224,6 @@ def make_precision_class(pl, module_name: str):
             acc = self._require_accumulator()
             items, self._next_items = self._next_items, None
             acc.backward(tensor, num_items=items)
-            loss = tensor.detach().reshape(()).double()  # fp64, as StepResult.loss sums them
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            if items is not None:
-                self._items_sum = self._items_sum + (items.detach().reshape(()).double()
-                                                     if isinstance(items, torch.Tensor) else items)
 
         def optimizer_step(self, optimizer, model, closure, **kwargs):
             if kwargs:
@@ -256,7 +244,6 @@ def make_precision_class(pl, module_name: str):
             self.last_result = result
             if self.log:
                 self._log(model, result)
-            self._reset_window_log()
             return closure_result
 
         def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=None) -> None:
@@ -272,25 +259,9 @@ def make_precision_class(pl, module_name: str):
                                  "FusedAccumPrecision clips every window with one value")
             self._clip_checked = True
 
-        def _window_loss(self, result):
-            """The window's loss, normalized as its gradient (Σ loss / micro-batches, or Σ loss_sum / Σ
-            items; over all ranks): ``StepResult.loss``, except for a window restored mid-way from a
-            checkpoint, whose earlier micro-batches' losses GradAccumulator's state dict does not keep
-            (fusedaccum 0.1): the plugin's own sums, kept in its checkpoint, give it then (under data
-            parallel with one small all-reduce)."""
-            restored, self._restored_window = self._restored_window, False
-            if result.loss is not None and not restored:
-                return result.loss
-            count = self._items_sum if result.num_items is not None else result.micro_batches
-            both = torch.stack([self._loss_sum, torch.as_tensor(count, dtype=torch.float64,
-                                                                         device=self._loss_sum.device)])
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(both)
-            return both[0] / both[1]
-
         def _log(self, model, result) -> None:
-            metrics = {"loss": self._window_loss(result), "grad_norm": result.total_norm,
+            # StepResult.loss: the window's loss normalized as its gradient, over all ranks.
+            metrics = {"loss": result.loss, "grad_norm": result.total_norm,
                        "found_inf": result.found_inf}
             if self.scaler is not None:
                 metrics["loss_scale"] = self.scaler.scale_tensor(result.total_norm.device)
@@ -302,24 +273,17 @@ def make_precision_class(pl, module_name: str):
         def state_dict(self) -> dict:
             if self.accumulator is None:
                 return dict(self._pending_state or {})
-            return {"accumulator": self.accumulator.state_dict(), "loss_sum": self._loss_sum,
-                    "items_sum": self._items_sum}
+            return {"accumulator": self.accumulator.state_dict()}
 
         def load_state_dict(self, state_dict: dict) -> None:
             if not state_dict:
                 return
-            missing = [k for k in ("accumulator", "loss_sum", "items_sum") if k not in state_dict]
-            if missing:
-                raise KeyError(f"FusedAccumPrecision state dict lacks {missing}")
+            if "accumulator" not in state_dict:
+                raise KeyError("FusedAccumPrecision state dict lacks 'accumulator'")
             if self.accumulator is None:
                 self._pending_state = dict(state_dict)  # applied when fit sets the accumulator up
                 return
             self.accumulator.load_state_dict(state_dict["accumulator"])
-            loss = state_dict["loss_sum"]
-            self._loss_sum = None if loss is None else loss.to(self.accumulator.device)
-            items = state_dict["items_sum"]
-            self._items_sum = items.to(self.accumulator.device) if isinstance(items, torch.Tensor) else items
-            self._restored_window = self.accumulator.micro_batches > 0
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
             # A stock '16-mixed' checkpoint keeps GradScaler's state under MixedPrecision: LossScaler
