@@ -153,7 +153,7 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     if reduce_partials is not None and not callable(reduce_partials):
         raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
     impl = _backend.implementation(device)
-    partials = impl.norm_partials(flat, inv, p)
+    partials = impl.norm_partials(flat, inv, p, out=out)
     if reduce_partials is not None:
         reduced = reduce_partials(partials)
         if (not isinstance(reduced, torch.Tensor) or reduced.dtype != partials.dtype

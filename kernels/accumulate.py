@@ -15,7 +15,8 @@ def _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE: tl.constexpr,
     if OVERWRITE:
         a = g * scale
     else:
-        a = load_tile(acc_ptr, offs, n, FULL) + g * scale
+        # One rounding, as the reference's add_(grad, alpha=scale): an fma.
+        a = tl.fma(g, scale, load_tile(acc_ptr, offs, n, FULL))
     store_tile(acc_ptr, offs, n, a, FULL)
     if ZERO_GRAD:
         store_tile(grad_ptr, offs, n, tl.zeros_like(g), FULL)

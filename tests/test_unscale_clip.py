@@ -115,22 +115,22 @@ def test_norm_overflow_counts_as_nonfinite(backend, device):
     assert float(found_inf) == 1.0 and float(total_norm) == float("inf") and same_bits(bucket, before)
 
 
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
-@pytest.mark.parametrize("n, overflows", [(30_000, False), (50_000, True)])
-def test_norm_overflow_threshold_is_the_same_in_both_backends(backend, device, p, n, overflows):
-    """The rule: found_inf when the fp32 sum of |x|^p of the raw values exceeds the fp32
-    range, however it is split into pieces. Here no piece (a 1024-element row, a program's
-    share) overflows, only the total does: 5e38 > 3.4e38 > 3e38."""
-    value = (1e38 / 10_000) ** (1 / p)  # |x|^p = 1e34
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("target, overflows", [(3.3e38, False), (3.5e38, True)])
+def test_found_inf_when_the_unscaled_norm_exceeds_fp32(backend, device, p, target, overflows):
+    """The rule: found_inf when the norm of x * inv_scale exceeds the fp32 range, whatever
+    the sum of the raw |x|^p does (here it exceeds fp32 for p < 8 either way)."""
+    n = 3 * BLOCK + 5
+    value = target / n ** (1 / p)
     bucket = torch.full((n,), value, device=device)
     before = bucket.clone()
-    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 0.5, max_norm=1.0, norm_type=p)
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 1.0, max_norm=1.0, norm_type=p)
     assert float(found_inf) == float(overflows)
     if overflows:
         assert float(total_norm) == float("inf") and same_bits(bucket, before)
     else:
-        expected = 0.5 * (n * 1e34) ** (1 / p)
-        assert math.isclose(float(total_norm), expected, rel_tol=1e-5)
+        expected = float(torch.linalg.vector_norm(torch.full((n,), value, dtype=torch.float32).double(), p))
+        assert math.isclose(float(total_norm), expected, rel_tol=NORM_RTOL)
         assert not same_bits(bucket, before)
 
 
