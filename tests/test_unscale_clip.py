@@ -304,3 +304,154 @@ def test_reduce_partials_bad_results_are_refused(backend, device, reduce, messag
     with pytest.raises((TypeError, ValueError), match=message):
         _unscale_clip_stats(bucket, 0.5, 1.0, reduce_partials=reduce)
     assert same_bits(bucket, before)
+
+
+# ---- issue 10: numerical edge cases, each failed before in at least one backend ----------
+
+F16_LIMIT = 65520.0  # the smallest fp32 value that rounds to inf in fp16
+
+
+@pytest.mark.parametrize("dst", ["in place", "out fp16", "out bf16"])
+def test_overflow_on_store_is_found_and_nothing_is_written(backend, device, dst):
+    """Item 1: a value that becomes inf when stored counts as non-finite."""
+    if dst == "out bf16":
+        bucket = torch.tensor([3.4e38, 1.0], device=device)  # above bf16's limit, below fp32's max
+        inv, out = 1.0, [torch.full((2,), 7.0, dtype=torch.bfloat16, device=device)]
+    else:
+        bucket = torch.tensor([40000.0, 1.0], dtype=torch.float16 if dst == "in place" else torch.float32,
+                              device=device)
+        inv, out = 2.0, None if dst == "in place" else [torch.full((2,), 7.0, dtype=torch.float16, device=device)]
+    before = [t.clone() for t in [bucket] + (out or [])]
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, inv, out=out)
+    assert float(found_inf) == 1.0
+    assert math.isfinite(float(total_norm))  # the norm itself is fine: only the store overflows
+    assert all(same_bits(a, b) for a, b in zip([bucket] + (out or []), before))
+
+
+@pytest.mark.parametrize("coef_kind", ["inv_scale", "clip"])
+def test_overflow_on_store_threshold_is_exact(backend, device, coef_kind):
+    """Just below the fp16 limit is stored (as 65504), at it is found; with clipping the
+    check uses the final multiplier."""
+    for value, found in ((F16_LIMIT * (1 - 2 ** -24), 0.0), (F16_LIMIT, 1.0)):
+        bucket = torch.tensor([value / 4, 0.0], device=device)
+        out = torch.zeros(2, dtype=torch.float16, device=device)
+        if coef_kind == "inv_scale":
+            _, found_inf = fusedaccum.unscale_clip_(bucket, 4.0, out=out)
+        else:  # clipped to exactly |value|: the norm is 8 * value / 4 = 2 * value
+            _, found_inf = fusedaccum.unscale_clip_(bucket, 8.0, max_norm=value, eps=0.0, out=out)
+        assert float(found_inf) == found
+        assert float(out[0]) == (65504.0 if not found else 0.0)
+
+
+def test_store_into_fp32_from_narrow_bucket_is_computed_in_fp32(backend, device):
+    """Item 2: bf16 bucket -> fp32 out is one fp32 rounding (not a bf16 product); fp16 [60000, 1]
+    times 4 into fp32 is finite, not [inf, 4]."""
+    b = randn(BLOCK + 3, torch.bfloat16, device, 41, 3.0)
+    out = torch.empty(BLOCK + 3, device=device)
+    fusedaccum.unscale_clip_(b, 0.3, out=out)
+    assert_close(out, b.double().cpu() * 0.3, torch.float32)
+    h = torch.tensor([60000.0, 1.0], dtype=torch.float16, device=device)
+    out = torch.empty(2, device=device)
+    _, found_inf = fusedaccum.unscale_clip_(h, 4.0, out=out)
+    assert float(found_inf) == 0.0 and out.tolist() == [240000.0, 4.0]
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39, 1e300])
+def test_python_scale_outside_fp32_is_a_float64_tensor(backend, device, value):
+    """Item 3: a Python float beyond fp32 means what the same float64 tensor means: +-inf."""
+    results = []
+    for inv in (value, torch.tensor(value, dtype=torch.float64, device=device)):
+        bucket = torch.tensor([1.0, 0.5], device=device)
+        stats = _unscale_clip_stats(bucket, inv)
+        results.append((float(stats[1]), bucket.tolist()))
+    assert results[0] == results[1] and results[0][0] == 1.0 and results[0][1] == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("n, value, p", [(3000, 1e13, 1.0), (BLOCK * 5 + 7, 3.3, 0.5), (7919, 0.7, 3.0)])
+def test_norm_accuracy_for_every_p(backend, device, n, value, p):
+    """Item 4: the reference met 1e-5 for p = 2 only (1.2e-5 at p = 1 here)."""
+    bucket = torch.full((n,), value, device=device)
+    total_norm, _ = fusedaccum.unscale_clip_(bucket, 1.0, norm_type=p)
+    _check_norm(total_norm, float(norm64([bucket], p)))
+
+
+@pytest.mark.parametrize("case", ["underflow", "overflow"])
+def test_norm_survives_the_range_of_the_raw_values(backend, device, case):
+    """Item 5: tiny raw values (sum of squares underflows) used to give norm 0 and no clip;
+    huge ones (p = 0.5: the raw norm exceeds fp32) a found_inf although the unscaled norm
+    is finite."""
+    if case == "underflow":
+        bucket, inv, p, max_norm = torch.full((100_000,), 1e-25, device=device), 1e20, 2.0, 1e-3
+    else:
+        bucket, inv, p, max_norm = torch.full((1024,), 1e36, device=device), 1e-20, 0.5, None
+    expected = float(norm64([bucket], p)) * inv
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, inv, max_norm=max_norm, norm_type=p, eps=0.0)
+    assert float(found_inf) == 0.0
+    _check_norm(total_norm, expected)
+    if max_norm is not None:  # clipped to max_norm
+        assert math.isclose(float(norm64([bucket], p)), max_norm, rel_tol=1e-5)
+
+
+def test_zero_max_norm_with_zero_eps_on_zero_gradient_writes_no_nan(backend, device):
+    """Item 6: 0 / 0 is defined: the gradient stays as it is."""
+    bucket = torch.zeros(17, device=device)
+    total_norm, found_inf = fusedaccum.unscale_clip_(bucket, 1.0, max_norm=0.0, eps=0.0)
+    assert float(total_norm) == 0.0 and float(found_inf) == 0.0
+    assert same_bits(bucket, torch.zeros(17, device=device))
+    bucket = torch.ones(3, device=device)  # and a non-zero one is clipped to 0
+    fusedaccum.unscale_clip_(bucket, 1.0, max_norm=0.0, eps=1e-300)  # eps rounds to 0 in fp32
+    assert bucket.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_overlap_is_found_between_storages_sharing_memory(backend, device):
+    """Item 9: two from_numpy views of one array are two storages over the same memory."""
+    if device.type != "cpu":
+        pytest.skip("from_numpy makes CPU tensors")
+    import numpy
+
+    array = numpy.ones(8, dtype=numpy.float32)
+    a, b = torch.from_numpy(array)[:6], torch.from_numpy(array)[4:]
+    with pytest.raises(ValueError, match="overlap"):
+        fusedaccum.unscale_clip_([a, b], 0.5)
+    with pytest.raises(ValueError, match="overlap"):
+        fusedaccum.accumulate_(torch.from_numpy(array), torch.from_numpy(array))
+    assert (array == 1).all()
+
+
+@pytest.mark.parametrize("use_out", [False, True])
+def test_signaling_nan_keeps_its_bits_on_skip(backend, device, use_out):
+    """Item 10: x * 1.0 would quiet 0x7f800001 into 0x7fc00001."""
+    bucket = torch.ones(BLOCK + 1, device=device)
+    bucket.view(torch.int32)[3] = 0x7F800001
+    out = [torch.full((BLOCK + 1,), 2.0, device=device)] if use_out else None
+    before = bucket.clone(), (out[0].clone() if use_out else None)
+    _, found_inf = fusedaccum.unscale_clip_(bucket, 0.5, max_norm=1.0, out=out)
+    assert float(found_inf) == 1.0
+    assert same_bits(bucket, before[0]) and int(bucket.view(torch.int32)[3]) == 0x7F800001
+    if use_out:
+        assert same_bits(out[0], before[1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_norm": "one"}, "max_norm must be a number"),
+    ({"eps": None}, "eps must be a number"),
+    ({"eps": 1e39}, "eps must be a finite number"),
+])
+def test_bad_numbers_name_the_argument(backend, device, kwargs, message):
+    """Item 12: not a bare conversion error."""
+    bucket = torch.ones(4, device=device)
+    with pytest.raises((TypeError, ValueError), match=message):
+        fusedaccum.unscale_clip_(bucket, 0.5, **kwargs)
+    assert bucket.tolist() == [1.0] * 4
+
+
+def test_bf16_stores_round_to_nearest_even(backend, device):
+    """fp32 -> bf16 stores round as torch (and the GPU) do, under the interpreter too: the
+    interpreter's own conversion truncates."""
+    g = torch.Generator().manual_seed(43)
+    bucket = (torch.randn(BLOCK + 5, generator=g) * 10).to(device)
+    bucket[:4] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 3.3895e38])  # ties, ~max
+    expected = (bucket * 0.75).to(torch.bfloat16)
+    out = torch.empty(BLOCK + 5, dtype=torch.bfloat16, device=device)
+    fusedaccum.unscale_clip_(bucket, 0.75, out=out)
+    assert same_bits(out, expected)
