@@ -21,6 +21,17 @@ def _bf16_rtne(value):
 
 
 @triton.jit
+def to_f32(x):
+    """x as fp32, exactly. The interpreter's bf16 -> fp32 conversion flushes bf16 subnormals
+    to 0 (the GPU's is a shift): shift the bits there too."""
+    y = x.to(tl.float32)
+    if INTERPRETED:
+        if x.dtype == tl.bfloat16:
+            y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return y
+
+
+@triton.jit
 def _to_element(value, ptr):
     if INTERPRETED:
         if ptr.dtype.element_ty == tl.bfloat16:

@@ -5,13 +5,13 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
-from ._tile import load_tile, store_tile
+from ._tile import load_tile, store_tile, to_f32
 
 
 @triton.jit
 def _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE: tl.constexpr, ZERO_GRAD: tl.constexpr,
                      FULL: tl.constexpr):
-    g = load_tile(grad_ptr, offs, n, FULL).to(tl.float32)
+    g = to_f32(load_tile(grad_ptr, offs, n, FULL))
     if OVERWRITE:
         a = g * scale
     else:

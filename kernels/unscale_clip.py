@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
-from ._tile import load_tile, store_tile
+from ._tile import load_tile, store_tile, to_f32
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
 FINALIZE_BLOCK = 1024
@@ -65,7 +65,7 @@ def _scale_exponent(m):
 
 @triton.jit
 def _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
-    x = load_tile(x_ptr, offs, n, FULL).to(tl.float32)
+    x = to_f32(load_tile(x_ptr, offs, n, FULL))
     # The flag looks at the unscaled value; the norm sums the raw one and the finalize
     # multiplies by |inv|, as the reference does.
     y = x * inv
@@ -228,7 +228,7 @@ def finalize_kernel(
 
 @triton.jit
 def _apply_tile(src_ptr, dst_ptr, offs, limit, coef, FULL: tl.constexpr):
-    x = load_tile(src_ptr, offs, limit, FULL).to(tl.float32)
+    x = to_f32(load_tile(src_ptr, offs, limit, FULL))
     store_tile(dst_ptr, offs, limit, x * coef, FULL)
 
 

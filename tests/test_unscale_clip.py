@@ -410,11 +410,12 @@ def test_overlap_is_found_between_storages_sharing_memory(backend, device):
     import numpy
 
     array = numpy.ones(8, dtype=numpy.float32)
-    a, b = torch.from_numpy(array)[:6], torch.from_numpy(array)[4:]
+    a, b = torch.from_numpy(array[:6]), torch.from_numpy(array[4:])  # storages at different starts
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="overlap"):
         fusedaccum.unscale_clip_([a, b], 0.5)
     with pytest.raises(ValueError, match="overlap"):
-        fusedaccum.accumulate_(torch.from_numpy(array), torch.from_numpy(array))
+        fusedaccum.accumulate_(torch.from_numpy(array[:4]), torch.from_numpy(array[2:6]))
     assert (array == 1).all()
 
 
