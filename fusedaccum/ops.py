@@ -191,14 +191,18 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):
     """Unscale, check for inf/NaN, take the global norm and clip, over flat buckets.
 
-    One read pass computes ``found_inf`` (0-d fp32: 1.0 if any element of
-    ``buckets * inv_scale`` is inf/NaN, or if the fp32 sum of ``|bucket|^p`` overflows; the
-    raw values are summed and ``|inv_scale|`` applied at the end) and ``total_norm``
-    (0-d fp32: the ``norm_type``-norm of all of ``buckets * inv_scale``, before clipping).
-    Then, unless ``found_inf``, every bucket is multiplied in place (or written into the
-    matching tensor of ``out``) by ``inv_scale * min(1, max_norm / (total_norm + eps))``;
-    no clipping when ``max_norm`` is None. When ``found_inf`` the buckets (and ``out``) are
-    left as they were. The decision is taken on the device: no host synchronisation.
+    One read pass computes ``total_norm`` (0-d fp32: the ``norm_type``-norm of all of
+    ``buckets * inv_scale``, before clipping; kept in range by power-of-two scaling, so tiny
+    or huge raw values do not underflow or overflow it) and ``found_inf`` (0-d fp32: 1.0 if
+    ``inv_scale`` or an element of ``buckets * inv_scale`` is inf/NaN, if ``total_norm``
+    exceeds fp32, or if a result would round to inf in the dtype it is stored in: fp16/bf16
+    buckets in place, or such tensors of ``out``). Then, unless ``found_inf``, every bucket
+    is multiplied (in fp32, rounded once) in place or into the matching tensor of ``out`` by
+    ``inv_scale * min(1, max_norm / (total_norm + eps))``; no clipping when ``max_norm`` is
+    None; 0 / 0 (an all-zero gradient, ``max_norm = eps = 0``) leaves it as it is. When
+    ``found_inf`` the buckets (and ``out``) keep every bit. The decision is taken on the
+    device: no host synchronisation. Python numbers are rounded to fp32 first (beyond its
+    range: +-inf), as the kernels read them. See docs/numerics.md.
 
     buckets: a contiguous fp32/bf16/fp16 tensor or a sequence of them, on one device.
     inv_scale: float or one-element tensor. norm_type: a number > 0, or inf.

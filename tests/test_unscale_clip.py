@@ -456,3 +456,41 @@ def test_bf16_stores_round_to_nearest_even(backend, device):
     out = torch.empty(BLOCK + 5, dtype=torch.bfloat16, device=device)
     fusedaccum.unscale_clip_(bucket, 0.75, out=out)
     assert same_bits(out, expected)
+
+
+@pytest.mark.parametrize("case", ["clip", "nan", "snan out", "fp16 overflow", "tiny"])
+def test_reference_device_side_path_matches_its_cpu_path(monkeypatch, case):
+    """Off the CPU the reference decides everything on the device (scaled norm, bitwise
+    select on skip); run that path on the CPU and compare with the CPU's own."""
+    import fusedaccum.reference as reference
+
+    monkeypatch.setenv("FUSEDACCUM_BACKEND", "torch")
+    monkeypatch.setattr(reference, "CPU_PIECE", 1000)
+    buckets = [randn(BLOCK + 1, torch.float32, "cpu", 61, 3.0), randn(300, torch.bfloat16, "cpu", 62)]
+    out = None
+    if case == "nan":
+        buckets[0][7] = float("nan")
+    elif case == "snan out":
+        buckets[1][3] = float("inf")
+        out = [torch.empty(b.numel()).view(torch.int32).fill_(0x7F800001).view(torch.float32) for b in buckets]
+    elif case == "fp16 overflow":
+        out = [torch.zeros(b.numel(), dtype=torch.float16) for b in buckets]
+        buckets[0][9] = 7e4
+    elif case == "tiny":
+        buckets[0].mul_(1e-25)
+    results = []
+    for reads_host in (True, False):
+        monkeypatch.setattr(reference, "_reads_host", lambda device, r=reads_host: r)
+        work = [b.clone() for b in buckets]
+        dst = None if out is None else [o.clone() for o in out]
+        inv = {"tiny": 1e20, "fp16 overflow": 2.0}.get(case, 0.5)
+        stats = _unscale_clip_stats(work, inv, None if case == "fp16 overflow" else 1.0, out=dst)
+        results.append((stats, dst or work))
+    (s1, r1), (s2, r2) = results
+    assert float(s1[1]) == float(s2[1]) == float(case in ("nan", "snan out", "fp16 overflow"))
+    if float(s1[1]):
+        assert all(same_bits(a, b) for a, b in zip(r1, r2))
+    else:
+        assert math.isclose(float(s1[0]), float(s2[0]), rel_tol=1e-6)
+        for a, b in zip(r1, r2):
+            assert_close(a, b.double(), a.dtype)
