@@ -120,28 +120,30 @@ def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
 
 def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float, *,
                   out: "list[torch.Tensor] | None" = None) -> torch.Tensor:
-    """Phase 1, one read pass: the fp32 partials ``[5, num_slots]`` (rows ``ROW_*``, as the
-    Triton kernels'). The scaled path gives one slot per cache-sized piece of a bucket: the
-    piece's max|x| m, e = _scale_exponent(m), Σ|x·2^-e|^p summed pairwise in fp32 (accurate);
-    the CPU fast path for the 2-norm one slot per bucket (e = 0). ``out``: where the results
+    """Phase 1, one read pass: the fp32 partials ``[5, len(buckets)]`` (rows ``ROW_*``, as the
+    Triton kernels'), one slot per bucket, whatever its values. The scaled path: per
+    cache-sized piece its max|x| m, e = _scale_exponent(m), Σ|x·2^-e|^p summed pairwise in fp32
+    (accurate), the pieces folded in fp64 at the largest e; the CPU fast path for the 2-norm:
+    e = 0. ``out``: where the results
     go (their dtypes set the overflow-on-store limits); None: in place."""
     device = buckets[0].device
     inv = _inv(inv_scale, device).abs()
-    cols = []  # per slot: (sum, exponent, max|x| or None when not needed)
+    cols = []  # per bucket: (sum, exponent, max|x| or None when not needed)
     limits = []
     scratch = torch.empty(0, dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     for i, b in enumerate(buckets):
-        if b.numel() == 0:
-            continue
         limit = store_limit((b if out is None else out[i]).dtype)
-        before = len(cols)
-        fast = _fast_sum_of_squares(b) if norm_type == 2.0 and _reads_host(device) else None
-        if fast is not None:
+        limits.append(limit)
+        fast = _fast_sum_of_squares(b) if norm_type == 2.0 and b.numel() and _reads_host(device) else None
+        if b.numel() == 0:
+            cols.append((zero, zero - 126, zero))  # an empty slot: every bucket has one
+        elif fast is not None:
             # max|x| only where a store can overflow (an extra pass, for narrow dtypes only).
             cols.append((fast.float(), zero, None if math.isinf(limit) else _max_abs(b)))
         else:
+            sums, exps, maxes = [], [], []
             for piece in _pieces(b):
                 # |x| in a cached fp32 scratch; its max; then scaled by 2**-e and summed there.
                 t = scratch.resize_(piece.stop - piece.start)
@@ -150,8 +152,8 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
                 else:
                     t.copy_(b[piece]).abs_()  # abs(out=) wants out in b's dtype
                 m = t.amax()
+                maxes.append(m)
                 if math.isinf(norm_type):
-                    cols.append((m, zero, m))
                     continue
                 e = _scale_exponent(m)
                 t.mul_(torch.ldexp(one, -e))
@@ -159,10 +161,17 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
                     t.square_()
                 elif norm_type != 1.0:
                     t.pow_(norm_type)
-                cols.append((t.sum(), e.float(), m))  # torch.sum adds pairwise on the CPU
-        limits.append(torch.full((len(cols) - before,), limit, dtype=torch.float32, device=device))
-    if not cols:
-        return torch.zeros(5, 0, dtype=torch.float32, device=device)
+                sums.append(t.sum())  # torch.sum adds pairwise on the CPU
+                exps.append(e)
+            m = torch.stack(maxes).max()
+            if math.isinf(norm_type):
+                cols.append((m, zero, m))
+                continue
+            # The pieces folded into the bucket's one slot, at the largest piece's exponent.
+            e = torch.stack(exps).double()
+            e_top = e.max()
+            total = (torch.stack(sums).double() * torch.exp2(norm_type * (e - e_top))).sum()
+            cols.append((total.float(), e_top.float(), m))
     sums = torch.stack([c[0] for c in cols])
     maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
     # max|x * inv| = max|x| * |inv| (fp32 rounding is monotonic). Where max|x| is not taken
@@ -171,7 +180,8 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     y = maxes * inv
     code = torch.where(y.isnan(), 2.0, torch.where(y.isinf(), 1.0, 0.0))
     code = torch.where(sums.isnan(), 2.0, torch.maximum(code, sums.isinf().float()))
-    return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, torch.cat(limits)])
+    limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
+    return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, limits])
 
 
 def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",

@@ -287,17 +287,18 @@ def norm_partials(
     kind = norm_kind(norm_type)
     p = 0.0 if kind == NORM_INF else float(norm_type)
     inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, buckets[0])
-    grids = _grids(buckets, max_programs)
+    # An empty bucket gets one empty slot (a program with no tiles), so that the number of
+    # slots depends on the buckets' sizes only, never on their values or emptiness.
+    grids = [(programs or 1, tiles) for programs, tiles in _grids(buckets, max_programs)]
     num_slots = sum(programs for programs, _ in grids)
     partials = torch.empty(NUM_ROWS, num_slots, dtype=torch.float32, device=device)
     slot_base = 0
     for i, (b, (programs, tiles)) in enumerate(zip(buckets, grids)):
-        if programs == 0:
-            continue
         limit = store_limit(b.dtype if out is None else out[i].dtype)
         # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
         norm_partials_kernel[(programs,)](
-            b, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p, limit,
+            b if b.numel() else partials, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
+            limit,
             INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
         slot_base += programs

@@ -494,3 +494,20 @@ def test_reference_device_side_path_matches_its_cpu_path(monkeypatch, case):
         assert math.isclose(float(s1[0]), float(s2[0]), rel_tol=1e-6)
         for a, b in zip(r1, r2):
             assert_close(a, b.double(), a.dtype)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, float("inf")])
+def test_number_of_slots_depends_on_sizes_only(backend, device, p):
+    """all_gather needs the same partials shape on every rank: values (the reference's fast
+    or scaled path, inf/NaN) and empty buckets must not change it."""
+    from fusedaccum import _backend
+
+    impl = _backend.implementation(device)
+    shapes = set()
+    for values in (1.0, 1e-30, 1e30, float("nan")):
+        buckets = [torch.full((2 * BLOCK + 1,), values, device=device), torch.empty(0, device=device),
+                   torch.full((5,), values, dtype=torch.bfloat16, device=device)]
+        shapes.add(tuple(impl.norm_partials(buckets, 1.0, p).shape))
+    assert len(shapes) == 1, shapes
+    empty_only = impl.finalize(impl.norm_partials([torch.empty(0, device=device)], 1.0, p), 1.0, 1.0, p, 1e-6)
+    assert empty_only.tolist() == [0.0, 0.0, 1.0]
