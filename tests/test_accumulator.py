@@ -15,11 +15,11 @@ Tolerances (max |w - w_ref| over all weights after S optimizer steps):
 """
 
 import contextlib
-import os
-import sys
 import copy
 import warnings
 import io
+import os
+import sys
 
 import pytest
 import torch
