@@ -335,7 +335,8 @@ class GradAccumulator:
             return 1.0 / denom if denom else math.inf  # 0 items: a non-finite step, skipped
         if scale is not None:
             denom = scale.double() * denom
-        return denom.reciprocal().float()
+        # A window of <= 0 items (a negative device count): an inf inverse, skipped as on overflow.
+        return torch.where(denom > 0, denom, 0.0).reciprocal().float()
 
     def step(self, optimizer, *, force: bool = False) -> "StepResult | None":
         """Close the window when it holds ``accumulation_steps`` micro-batches (or, with
@@ -361,7 +362,8 @@ class GradAccumulator:
         in ``param.grad``: call ``step`` again (e.g. with a fixed optimizer) to finish it;
         ``backward`` and ``state_dict`` refuse until then.
 
-        A window whose ``num_items`` add up to 0 has no gradient to normalize: its step is
+        A window whose ``num_items`` add up to 0 or less (a negative device count) has no
+        gradient to normalize: its step is
         skipped as on overflow (``found_inf`` = 1; a scaler backs off), with a warning when
         the count is a host number.
 

@@ -7,8 +7,11 @@ None of these ops synchronises with the host (except ``clip_grad_norm_`` with
 
 import functools
 import math
+import types
+import warnings
 from collections.abc import Iterable, Sequence
 
+import numpy
 import torch
 
 from . import _backend
@@ -28,16 +31,33 @@ def _check_flat(t, name: str, dtypes=GRAD_DTYPES) -> None:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Memory ranges, not storages: two storages can share memory (torch.from_numpy of one
+    # array twice, storages made from one pointer).
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
+def _fp32(value: float) -> float:
+    """value rounded to fp32, as the kernels read it (beyond the fp32 range: +-inf), so a
+    Python number and the same number as a float64 tensor mean the same in both backends."""
+    with numpy.errstate(over="ignore"):
+        return float(numpy.float32(value))
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "cpu":
+        raise TypeError(f"{name} must be a Python number or a CPU tensor (reading a device tensor would sync)")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
 def _scalar(value, name: str, device: torch.device):
-    """A float, or a one-element fp32 tensor on ``device`` (read by the kernel: no sync)."""
+    """A float (rounded to fp32), or a one-element fp32 tensor on ``device`` (read by the
+    kernel: no sync)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise ValueError(f"{name} must be a float or a one-element real tensor, "
@@ -45,11 +65,11 @@ def _scalar(value, name: str, device: torch.device):
         if value.device == device:
             return value.reshape(()).to(torch.float32)
         if value.device.type == "cpu":
-            return float(value)  # a host tensor: reading it does not wait for the device
+            return _fp32(float(value))  # a host tensor: reading it does not wait for the device
         raise ValueError(f"{name} is on {value.device}, the buckets on {device}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
-    return float(value)
+    return _fp32(float(value))
 
 
 def _norm_order(norm_type) -> float:
@@ -173,17 +193,17 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
                     raise ValueError(f"out[{i}] and out[{j}] overlap in memory")
     p = _norm_order(norm_type)
     if max_norm is not None:
-        max_norm = float(max_norm)
+        max_norm = _fp32(_number(max_norm, "max_norm"))
         if not max_norm >= 0:
             raise ValueError(f"max_norm must be >= 0 or None, got {max_norm}")
-    eps = float(eps)
+    eps = _fp32(_number(eps, "eps"))  # the kernels add it in fp32
     if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        raise ValueError(f"eps must be a finite number >= 0 (in fp32), got {eps}")
     inv = _scalar(inv_scale, "inv_scale", device)
     if reduce_partials is not None and not callable(reduce_partials):
         raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
     impl = _backend.implementation(device)
-    partials = impl.norm_partials(flat, inv, p)
+    partials = impl.norm_partials(flat, inv, p, out=out)
     if reduce_partials is not None:
         reduced = reduce_partials(partials)
         if (not isinstance(reduced, torch.Tensor) or reduced.dtype != partials.dtype
@@ -201,14 +221,18 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):
     """Unscale, check for inf/NaN, take the global norm and clip, over flat buckets.
 
-    One read pass computes ``found_inf`` (0-d fp32: 1.0 if any element of
-    ``buckets * inv_scale`` is inf/NaN, or if the fp32 sum of ``|bucket|^p`` overflows; the
-    raw values are summed and ``|inv_scale|`` applied at the end) and ``total_norm``
-    (0-d fp32: the ``norm_type``-norm of all of ``buckets * inv_scale``, before clipping).
-    Then, unless ``found_inf``, every bucket is multiplied in place (or written into the
-    matching tensor of ``out``) by ``inv_scale * min(1, max_norm / (total_norm + eps))``;
-    no clipping when ``max_norm`` is None. When ``found_inf`` the buckets (and ``out``) are
-    left as they were. The decision is taken on the device: no host synchronisation.
+    One read pass computes ``total_norm`` (0-d fp32: the ``norm_type``-norm of all of
+    ``buckets * inv_scale``, before clipping; kept in range by power-of-two scaling, so tiny
+    or huge raw values do not underflow or overflow it) and ``found_inf`` (0-d fp32: 1.0 if
+    ``inv_scale`` or an element of ``buckets * inv_scale`` is inf/NaN, if ``total_norm``
+    exceeds fp32, or if a result would round to inf in the dtype it is stored in: fp16/bf16
+    buckets in place, or such tensors of ``out``). Then, unless ``found_inf``, every bucket
+    is multiplied (in fp32, rounded once) in place or into the matching tensor of ``out`` by
+    ``inv_scale * min(1, max_norm / (total_norm + eps))``; no clipping when ``max_norm`` is
+    None; 0 / 0 (an all-zero gradient, ``max_norm = eps = 0``) leaves it as it is. When
+    ``found_inf`` the buckets (and ``out``) keep every bit. The decision is taken on the
+    device: no host synchronisation. Python numbers are rounded to fp32 first (beyond its
+    range: +-inf), as the kernels read them. See docs/numerics.md.
 
     buckets: a contiguous fp32/bf16/fp16 tensor or a sequence of them, on one device.
     inv_scale: float or one-element tensor. norm_type: a number > 0, or inf.
@@ -282,7 +306,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     the same passes over the local shards, with one all-gather of the norm's partials over
     the shard group between them; the norm comes back as a replicated DTensor, as torch's.
     """
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if isinstance(parameters, torch.Tensor):
+        params = [parameters]
+    else:
+        params = list(parameters)
+        if isinstance(parameters, types.GeneratorType) and not params:
+            # torch's message and stack level: the warning points at the caller's line.
+            warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in params if p.grad is not None]
     if grads and torch.distributed.is_available():
         from . import _dtensor

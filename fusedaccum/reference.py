@@ -1,6 +1,9 @@
 """Pure-PyTorch reference of every fused op: same signatures as the launch helpers in
 ``fusedaccum.kernels``, same results within the tolerance table in the README, and the
-oracle of the tests. It runs on any device, with no host synchronisation.
+oracle of the tests. It runs on any device, with no host synchronisation: on other devices
+every decision is taken on the device; on the CPU, where the data already is on the host, it
+reads two of its own values (whether the 2-norm's fast path is in range, whether to skip the
+write) to spare a pass, which is no synchronisation.
 
 Inputs are validated by ``fusedaccum.ops`` before they get here.
 """
@@ -9,21 +12,15 @@ import math
 
 import torch
 
-# Rows of this many elements get fp32 partial norms; the rows are then folded in fp64.
-# One vector_norm over a whole bucket accumulates naively in fp32 on the CPU (1e-2 relative
-# error at 1.2e8 elements: bench/norm_accuracy.py); rows are accurate and no slower.
+# Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels.unscale_clip), one
+# column per slot. Every row folds across slots, so the partials of several ranks concatenated
+# along the slots finalize to the global result.
+ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = range(5)
+# The CPU fast path for the 2-norm: fp32 norms of rows of this many elements (one pass, as fast
+# as a copy), folded in fp64. Used when the folded Σx² shows that no row left the range in
+# which fp32 squares are exact enough (SAFE_SUM); otherwise the scaled path.
 NORM_ROW = 1024
-
-
-def _partial_norms(b: torch.Tensor, p: float) -> "list[torch.Tensor]":
-    n = b.numel()
-    bulk = n - n % NORM_ROW
-    parts = []
-    if bulk:
-        parts.append(torch.linalg.vector_norm(b[:bulk].view(-1, NORM_ROW), p, dim=1, dtype=torch.float32))
-    if bulk != n:
-        parts.append(torch.linalg.vector_norm(b[bulk:], p, dtype=torch.float32).reshape(1))
-    return parts
+SAFE_SUM = (2.0 ** -100, 2.0 ** 100)
 
 
 def _pieces(t: torch.Tensor) -> "list[slice]":
@@ -111,85 +108,190 @@ def _inv(inv_scale, device) -> torch.Tensor:
             else torch.full((), inv_scale, dtype=torch.float32, device=device))
 
 
-def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float) -> torch.Tensor:
-    """Phase 1, one read pass: the fp32 partials ``[2, num_slots]``, one slot per non-empty
-    bucket: row 0 its Σ|x|^p (max|x| for inf), row 1 its non-finite code of ``x * inv_scale``
-    (0 finite, 1 inf, 2 NaN). Slots fold by concatenation along the last dim."""
+def store_limit(dtype: torch.dtype) -> float:
+    """The smallest fp32 magnitude that becomes inf when rounded (to nearest even) to dtype:
+    halfway between its largest finite value and the next power of two. inf for fp32."""
+    if dtype == torch.float32:
+        return math.inf
+    top = torch.finfo(dtype).max
+    return (top + 2.0 ** math.frexp(top)[1]) / 2  # 65520 for fp16, exact in fp32
+
+
+def _scale_exponent(m: torch.Tensor) -> torch.Tensor:
+    """floor(log2(m)) clamped to [-126, 126] (int32): a slot's sum is kept relative to 2**that,
+    so that neither tiny nor huge values leave the fp32 range (LAPACK nrm2's idea)."""
+    return (torch.frexp(m).exponent - 1).clamp_(-126, 126)
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo).float()  # NaN if x holds one
+
+
+def _reads_host(device: torch.device) -> bool:
+    """Whether this device's values can be read without a synchronisation (the CPU's)."""
+    return device.type == "cpu"
+
+
+def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
+    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
+    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
+    the check reads a CPU tensor, which is no device synchronisation."""
+    n = b.numel()
+    bulk = n - n % NORM_ROW
+    rows = []
+    if bulk:
+        rows.append(torch.linalg.vector_norm(b[:bulk].view(-1, NORM_ROW), 2, dim=1, dtype=torch.float32))
+    if bulk != n:
+        rows.append(torch.linalg.vector_norm(b[bulk:], 2, dtype=torch.float32).reshape(1))
+    total = torch.cat(rows).double().square().sum()
+    return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
+
+
+def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float, *,
+                  out: "list[torch.Tensor] | None" = None) -> torch.Tensor:
+    """Phase 1, one read pass: the fp32 partials ``[5, len(buckets)]`` (rows ``ROW_*``, as the
+    Triton kernels'), one slot per bucket, whatever its values. The scaled path: per
+    cache-sized piece its max|x| m, e = _scale_exponent(m), Σ|x·2^-e|^p summed pairwise in fp32
+    (accurate), the pieces folded in fp64 at the largest e; the CPU fast path for the 2-norm:
+    e = 0. ``out``: where the results
+    go (their dtypes set the overflow-on-store limits); None: in place."""
     device = buckets[0].device
-    inv = _inv(inv_scale, device)
-    slots = []
-    for b in buckets:
+    inv = _inv(inv_scale, device).abs()
+    cols = []  # per bucket: (sum, exponent, max|x| or None when not needed)
+    limits = []
+    scratch = torch.empty(0, dtype=torch.float32, device=device)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    for i, b in enumerate(buckets):
+        limit = store_limit((b if out is None else out[i]).dtype)
+        limits.append(limit)
+        fast = _fast_sum_of_squares(b) if norm_type == 2.0 and b.numel() and _reads_host(device) else None
         if b.numel() == 0:
-            continue
-        # ‖b·inv‖ = |inv|·‖b‖ for every p-norm, so the buckets are never copied (the Triton
-        # kernels also sum the raw values and multiply by |inv| at the end). An inf/NaN
-        # element makes the row norm inf/NaN, so the norm doubles as the non-finite check.
-        rows = torch.cat(_partial_norms(b, norm_type))
-        if math.isinf(norm_type):
-            part = rows.max()
+            cols.append((zero, zero - 126, zero))  # an empty slot: every bucket has one
+        elif fast is not None:
+            # max|x| only where a store can overflow (an extra pass, for narrow dtypes only).
+            cols.append((fast.float(), zero, None if math.isinf(limit) else _max_abs(b)))
         else:
-            # Σ|x|^p folded in fp64 and rounded to fp32, as the Triton finalize does.
-            part = rows.double().pow(norm_type).sum().float()
-        y = rows.max() * inv.abs()  # non-finite iff some x * inv is (or the row norm overflowed)
-        code = torch.where(rows.isnan().any() | y.isnan(), 2.0, torch.where(torch.isinf(y), 1.0, 0.0))
-        slots.append(torch.stack([part, code.float()]))
-    if not slots:
-        return torch.zeros(2, 0, dtype=torch.float32, device=device)
-    return torch.stack(slots, dim=1)
+            sums, exps, maxes = [], [], []
+            for piece in _pieces(b):
+                # |x| in a cached fp32 scratch; its max; then scaled by 2**-e and summed there.
+                t = scratch.resize_(piece.stop - piece.start)
+                if b.dtype == torch.float32:
+                    torch.abs(b[piece], out=t)
+                else:
+                    t.copy_(b[piece]).abs_()  # abs(out=) wants out in b's dtype
+                m = t.amax()
+                maxes.append(m)
+                if math.isinf(norm_type):
+                    continue
+                e = _scale_exponent(m)
+                t.mul_(torch.ldexp(one, -e))
+                if norm_type == 2.0:
+                    t.square_()
+                elif norm_type != 1.0:
+                    t.pow_(norm_type)
+                sums.append(t.sum())  # torch.sum adds pairwise on the CPU
+                exps.append(e)
+            m = torch.stack(maxes).max()
+            if math.isinf(norm_type):
+                cols.append((m, zero, m))
+                continue
+            # The pieces folded into the bucket's one slot, at the largest piece's exponent.
+            e = torch.stack(exps).double()
+            e_top = e.max()
+            total = (torch.stack(sums).double() * torch.exp2(norm_type * (e - e_top))).sum()
+            cols.append((total.float(), e_top.float(), m))
+    sums = torch.stack([c[0] for c in cols])
+    maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
+    # max|x * inv| = max|x| * |inv| (fp32 rounding is monotonic). Where max|x| is not taken
+    # (fast path, fp32 result), the finalize's check of the norm, which bounds every |x * inv|,
+    # finds the same steps.
+    y = maxes * inv
+    code = torch.where(y.isnan(), 2.0, torch.where(y.isinf(), 1.0, 0.0))
+    code = torch.where(sums.isnan(), 2.0, torch.maximum(code, sums.isinf().float()))
+    limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
+    return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, limits])
 
 
 def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",
              norm_type: float, eps: float) -> torch.Tensor:
-    """Phase 2: the fp32 ``stats`` ``[total_norm, found_inf, coef]`` from the partials."""
+    """Phase 2: the fp32 ``stats`` ``[total_norm, found_inf, coef]`` from the partials (of one
+    or of several ranks, concatenated along the slots)."""
     device = partials.device
-    part, code = partials[0], partials[1]
-    if part.numel() == 0:
-        raw = torch.zeros((), device=device)
-    elif math.isinf(norm_type):
-        raw = part.max()
-    else:
-        # Folded in fp64, rounded to fp32 before the root: the sum overflows (found_inf) at
-        # the same point in both backends, whatever the pieces.
-        total = part.double().sum().float()
-        if norm_type == 1.0:
-            raw = total
-        elif norm_type == 2.0:
-            raw = total.sqrt()
-        else:
-            raw = total.pow(1.0 / norm_type)
     inv = _inv(inv_scale, device)
-    norm = raw * inv.abs()
-    worst = code.max() if code.numel() else torch.zeros((), device=device)
-    norm = torch.where(worst == 2.0, float("nan"), norm)
-    found_inf = ((worst > 0) | ~torch.isfinite(norm)).to(torch.float32)
+    sums, exps, code, maxes, limits = partials.unbind(0)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    if sums.numel() == 0:
+        norm, worst = zero * inv.abs(), zero
+    elif math.isinf(norm_type):
+        norm, worst = sums.max() * inv.abs(), code.max()
+    else:
+        worst = code.max()
+        # The slots brought to a common power of two and added in fp64; then the root, and
+        # times 2**e_ref * |inv| in fp64 before rounding to fp32: the raw norm may exceed
+        # fp32 while the unscaled one does not.
+        e = exps.double()
+        e_ref = e.max()
+        total = (sums.double() * torch.exp2(norm_type * (e - e_ref))).sum()
+        root = total if norm_type == 1.0 else total.sqrt() if norm_type == 2.0 else total.pow(1.0 / norm_type)
+        norm = (root * torch.exp2(e_ref) * inv.abs().double()).float()
+    norm = torch.where(worst == 2.0, math.nan, torch.where(worst == 1.0, math.inf, norm))
     if max_norm is None:
         coef = inv.clone()
     else:
-        coef = inv * torch.clamp(max_norm / (norm + eps), max=1.0)
+        # 0 / 0 (max_norm 0, an all-zero gradient, eps 0) leaves the gradient as it is.
+        clip = torch.where(norm + eps == 0, 1.0, torch.clamp(max_norm / (norm + eps), max=1.0))
+        coef = inv * clip
+    # Overflow on store: a slot's largest |x * coef| (fp32 rounding is monotonic) at or above
+    # the limit of the dtype it is stored in becomes inf there.
+    overflow = (maxes * coef.abs() >= limits).any() if maxes.numel() else zero > 0
+    found_inf = ((worst > 0) | ~torch.isfinite(norm) | overflow).to(torch.float32)
     return torch.stack([norm, found_inf, coef])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def apply(buckets: "list[torch.Tensor]", stats: torch.Tensor, out: "list[torch.Tensor] | None",
           skip_if_nonfinite: bool) -> None:
-    """Phase 3, one read-write pass: ``dst = bucket * stats[2]``, kept as it was on the device
-    when ``stats[1]`` (found_inf) is set and ``skip_if_nonfinite``."""
+    """Phase 3, one read-write pass: ``dst = bucket * stats[2]`` computed in fp32 and rounded
+    once to dst's dtype. When ``stats[1]`` (found_inf) is set and ``skip_if_nonfinite``,
+    nothing is written: dst keeps every bit (signaling NaNs too). On the CPU the flag is read
+    directly (a CPU tensor: no device synchronisation); elsewhere a bitwise select decides on
+    the device."""
     coef = stats[2]
-    skip = stats[1] > 0
+    write = None
+    if skip_if_nonfinite and _reads_host(stats.device):
+        if bool(stats[1]):
+            return
+        skip_if_nonfinite = False
     for i, b in enumerate(buckets):
         dst = b if out is None else out[i]
-        if not skip_if_nonfinite:
-            if dst is b:
-                b.mul_(coef)
+        if not skip_if_nonfinite and b.dtype == torch.float32 and dst.dtype == torch.float32:
+            torch.mul(b, coef, out=dst)
+            continue
+        scratch = torch.empty(0, dtype=torch.float32, device=b.device)
+        narrow = torch.empty(0, dtype=dst.dtype, device=b.device)
+        if skip_if_nonfinite:
+            # All ones to write, zeros to keep dst: a select on the bits. Not x * 1.0, which
+            # would quiet a signaling NaN.
+            write = (stats[1] == 0).to(torch.int32).neg().to(_bits(narrow).dtype)
+        for piece in _pieces(b):
+            # In fp32 whatever b's dtype (the Triton kernel's arithmetic), in a cached scratch.
+            v = scratch.resize_(piece.stop - piece.start)
+            if b.dtype == torch.float32:
+                torch.mul(b[piece], coef, out=v)
             else:
-                dst.copy_(b * coef)
-        elif dst is b and b.dtype == torch.float32:
-            # Skipping is decided on the device: x * 1.0 keeps every bit of x (NaN payloads
-            # too), so one in-place pass serves both outcomes.
-            b.mul_(torch.where(skip, 1.0, coef))
-        else:
-            # Rounding to bf16/fp16 canonicalises NaN, and dst may be another tensor: select.
-            for piece in _pieces(b):
-                torch.where(skip, dst[piece], (b[piece] * coef).to(dst.dtype), out=dst[piece])
+                v.copy_(b[piece]).mul_(coef)  # torch.mul would multiply in b's dtype
+            if skip_if_nonfinite:
+                if dst.dtype != torch.float32:
+                    v = narrow.resize_(v.numel()).copy_(v)
+                d = _bits(dst[piece])
+                d.bitwise_xor_(_bits(v).bitwise_xor_(d).bitwise_and_(write))
+            else:
+                dst[piece].copy_(v)
 
 
 def unscale_clip_(
@@ -203,6 +305,7 @@ def unscale_clip_(
     skip_if_nonfinite: bool,
 ) -> torch.Tensor:
     """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef]``."""
-    stats = finalize(norm_partials(buckets, inv_scale, norm_type), inv_scale, max_norm, norm_type, eps)
+    partials = norm_partials(buckets, inv_scale, norm_type, out=out)
+    stats = finalize(partials, inv_scale, max_norm, norm_type, eps)
     apply(buckets, stats, out, skip_if_nonfinite)
     return stats

@@ -8,17 +8,18 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
-from ._tile import load_tile, store_tile
+from ._tile import load_tile, store_tile, to_f32
 
 
 @triton.jit
 def _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE: tl.constexpr, ZERO_GRAD: tl.constexpr,
                      FULL: tl.constexpr, SQ: tl.constexpr):
-    g = load_tile(grad_ptr, offs, n, FULL).to(tl.float32)
+    g = to_f32(load_tile(grad_ptr, offs, n, FULL))
     if OVERWRITE:
         a = g * scale
     else:
-        a = load_tile(acc_ptr, offs, n, FULL) + g * scale
+        # One rounding, as the reference's add_(grad, alpha=scale): an fma.
+        a = tl.fma(g, scale, load_tile(acc_ptr, offs, n, FULL))
     store_tile(acc_ptr, offs, n, a, FULL)
     if ZERO_GRAD:
         store_tile(grad_ptr, offs, n, tl.zeros_like(g), FULL)

@@ -20,10 +20,18 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
-from ._tile import load_tile, store_tile
+from ._tile import load_tile, store_tile, to_f32
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
 FINALIZE_BLOCK = 1024
+# Rows of the partials, one column (slot) per program. Every row folds across slots, so the
+# partials of several ranks concatenated along the slots finalize to the global result.
+# ROW_SUM: Σ|x·2^-e|^p (max|x| for the inf-norm); ROW_EXP: that e (an integer), so tiny and
+# huge values stay in the fp32 range; ROW_BAD: the non-finite code of x·inv_scale (0 finite,
+# 1 inf, 2 NaN); ROW_MAX: max|x|; ROW_LIMIT: store_limit of the dtype the slot's result is
+# stored in. The reference fills the same rows (its ROW_MAX may be 0 where the limit is inf).
+ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = (tl.constexpr(i) for i in range(5))
+NUM_ROWS = 5
 
 
 def norm_kind(norm_type: float) -> int:
@@ -32,23 +40,54 @@ def norm_kind(norm_type: float) -> int:
     return {1.0: NORM_L1, 2.0: NORM_L2}.get(norm_type, NORM_P)
 
 
+def store_limit(dtype: torch.dtype) -> float:
+    """The smallest fp32 magnitude that becomes inf when rounded (to nearest even) to dtype:
+    halfway between its largest finite value and the next power of two. inf for fp32."""
+    if dtype == torch.float32:
+        return math.inf
+    top = torch.finfo(dtype).max
+    return (top + 2.0 ** math.frexp(top)[1]) / 2  # 65520 for fp16, exact in fp32
+
+
 @triton.jit
-def _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
-    x = load_tile(x_ptr, offs, n, FULL).to(tl.float32)
+def _pow2(e):
+    """2**e as fp32, exactly, for integer e in [-126, 127] (built from the exponent bits)."""
+    return ((e + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_exponent(m):
+    """The power of two a slot's sum is kept relative to: floor(log2(m)) of its largest |x|,
+    clamped to [-126, 126] so that 2**-e is a normal fp32 number. Bit arithmetic, exact."""
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(biased - 127, -126), 126)
+
+
+@triton.jit
+def _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
+    x = to_f32(load_tile(x_ptr, offs, n, FULL))
     # The flag looks at the unscaled value; the norm sums the raw one and the finalize
-    # multiplies by |inv|, as the reference does, so both backends overflow alike.
+    # multiplies by |inv|, as the reference does.
     y = x * inv
     bad = tl.maximum(bad, tl.where(y != y, 2.0, tl.where(tl.abs(y) == float("inf"), 1.0, 0.0)))
     a = tl.abs(x)
     if NORM_KIND == 0:
         acc = tl.maximum(acc, a)
-    elif NORM_KIND == 1:
-        acc += a
-    elif NORM_KIND == 2:
-        acc += a * a
     else:
-        acc += tl.exp2(p * tl.log2(a))
-    return acc, bad
+        # Sum |x * 2**-e|^p, e from the running maximum (LAPACK nrm2's idea, per tile): no
+        # underflow of tiny values, no overflow of huge ones. A new maximum rescales the sum.
+        m_new = tl.maximum(m, tl.max(a, axis=0))
+        e_new = _scale_exponent(m_new)
+        s = a * _pow2(-e_new)
+        if NORM_KIND == 1:
+            acc = acc * _pow2(tl.maximum(e - e_new, -126)) + s
+        elif NORM_KIND == 2:
+            acc = acc * _pow2(tl.maximum(2 * (e - e_new), -126)) + s * s
+        else:
+            acc = acc * tl.exp2(p * (e - e_new).to(tl.float32)) + tl.exp2(p * tl.log2(s))
+        m = m_new
+        e = e_new
+    return acc, bad, m, e
 
 
 @triton.jit
@@ -56,12 +95,13 @@ def norm_partials_kernel(
     x_ptr,  # *fp32|bf16|fp16 [n]: one bucket
     inv_ptr,  # *fp32 [1]: inverse loss scale, read when INV_FROM_PTR
     inv_value,  # fp32: inverse loss scale when not INV_FROM_PTR
-    partials_ptr,  # *fp32 [2, num_slots]: row 0 per-program Σ|x|^p (max for inf); row 1 non-finite code of x·inv
+    partials_ptr,  # *fp32 [NUM_ROWS, num_slots]: see the ROW_* constants; this program writes one slot
     slot_base,  # this bucket's first slot
     num_slots,  # row stride of partials
     n,
     tiles_per_program,
     p,  # fp32 norm order, used when NORM_KIND == NORM_P
+    limit,  # fp32: store_limit of the dtype this bucket's result is stored in
     INV_FROM_PTR: tl.constexpr,
     NORM_KIND: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -76,24 +116,32 @@ def norm_partials_kernel(
     # Non-finite code per lane: 0 finite, 1 inf, 2 NaN. The finalize needs NaN apart from
     # inf because max() does not propagate NaN on the GPU, yet torch's inf-norm does.
     bad = tl.zeros([BLOCK], dtype=tl.float32)
+    m = tl.zeros([], dtype=tl.float32)  # running max|x| (finite-p kinds)
+    e = _scale_exponent(m)
     for i in range(tiles_per_program):
         start = (i * num_programs + pid).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:
-            acc, bad = _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND, True)
+            acc, bad, m, e = _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND, True)
         else:
-            acc, bad = _norm_tile(x_ptr, offs, n, inv, acc, bad, p, NORM_KIND, False)
+            acc, bad, m, e = _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND, False)
     if NORM_KIND == 0:
-        part = tl.max(acc, axis=0)
+        m = tl.max(acc, axis=0)
+        part = m
+        e = tl.zeros([], dtype=tl.int32)  # the max is kept as it is
     else:
-        part = tl.sum(acc, axis=0)
-    tl.store(partials_ptr + slot_base + pid, part)
-    tl.store(partials_ptr + num_slots + slot_base + pid, tl.max(bad, axis=0))
+        part = tl.sum(acc, axis=0)  # relative to 2**_scale_exponent(m)
+    slot = partials_ptr + slot_base + pid
+    tl.store(slot + ROW_SUM * num_slots, part)
+    tl.store(slot + ROW_EXP * num_slots, e.to(tl.float32))
+    tl.store(slot + ROW_BAD * num_slots, tl.max(bad, axis=0))
+    tl.store(slot + ROW_MAX * num_slots, m)
+    tl.store(slot + ROW_LIMIT * num_slots, limit)
 
 
 @triton.jit
 def finalize_kernel(
-    partials_ptr,  # *fp32 [2, num_slots], from norm_partials_kernel
+    partials_ptr,  # *fp32 [NUM_ROWS, num_slots], from norm_partials_kernel (of one or several ranks)
     num_slots,
     stats_ptr,  # *fp32 [3] out: total norm, found_inf (0/1), coef
     inv_ptr,
@@ -110,49 +158,77 @@ def finalize_kernel(
         inv = tl.load(inv_ptr).to(tl.float32)
     else:
         inv = inv_value
-    # fp64 for the sum over slots: it costs nothing in a single program and keeps the
-    # total accurate for any number of slots.
-    total = tl.zeros([BLOCK], dtype=tl.float64)
+    # Pass 1: the largest sum (inf-norm) and scale exponent, the worst non-finite code.
+    top = tl.zeros([BLOCK], dtype=tl.float32)
+    e_top = tl.full([BLOCK], -126.0, dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, num_slots, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < num_slots
-        v = tl.load(partials_ptr + offs, mask=mask, other=0.0).to(tl.float64)
-        bad = tl.maximum(bad, tl.load(partials_ptr + num_slots + offs, mask=mask, other=0.0))
-        if NORM_KIND == 0:
-            total = tl.maximum(total, v)
-        else:
-            total += v
-    if NORM_KIND == 0:
-        norm = tl.max(total, axis=0).to(tl.float32)
-    else:
-        s = tl.sum(total, axis=0).to(tl.float32)
-        if NORM_KIND == 1:
-            norm = s
-        elif NORM_KIND == 2:
-            norm = tl.sqrt(s)
-        else:
-            norm = tl.exp2(tl.log2(s) / p)
-    norm = norm * tl.abs(inv)
+        top = tl.maximum(top, tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0))
+        e_top = tl.maximum(e_top, tl.load(partials_ptr + ROW_EXP * num_slots + offs, mask=mask, other=-126.0))
+        bad = tl.maximum(bad, tl.load(partials_ptr + ROW_BAD * num_slots + offs, mask=mask, other=0.0))
     worst = tl.max(bad, axis=0)
-    norm = tl.where(worst == 2.0, float("nan"), norm)
-    # A norm that overflows fp32 counts as non-finite too: the same rule as the reference,
-    # which sees only the norm.
-    found_inf = tl.where((worst > 0.0) | (norm != norm) | (norm == float("inf")), 1.0, 0.0)
+    if NORM_KIND == 0:
+        norm = tl.max(top, axis=0) * tl.abs(inv)
+    else:
+        # Pass 2: the slots' sums brought to the common exponent and added in fp64 (a single
+        # program: it costs nothing and keeps the total accurate for any number of slots).
+        e_ref = tl.max(e_top, axis=0).to(tl.int32)
+        total = tl.zeros([BLOCK], dtype=tl.float64)
+        for start in range(0, num_slots, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < num_slots
+            v = tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0)
+            d = tl.load(partials_ptr + ROW_EXP * num_slots + offs, mask=mask, other=-126.0).to(tl.int32) - e_ref
+            if NORM_KIND == 1:
+                f = _pow2(tl.maximum(d, -126))
+            elif NORM_KIND == 2:
+                f = _pow2(tl.maximum(2 * d, -126))
+            else:
+                f = tl.exp2(p * d.to(tl.float32))
+            total += (v * f).to(tl.float64)
+        s = tl.sum(total, axis=0).to(tl.float32)  # in range: every term is <= the reference slot's
+        if NORM_KIND == 1:
+            root = s
+        elif NORM_KIND == 2:
+            root = tl.sqrt(s)
+        else:
+            root = tl.exp2(tl.log2(s) / p)
+        # ||x * inv|| = root * 2**e_ref * |inv|, in fp64: root * 2**e_ref alone may exceed
+        # fp32 while the unscaled norm does not.
+        scale = _pow2(e_ref).to(tl.float64) * tl.abs(inv).to(tl.float64)
+        norm = (root.to(tl.float64) * scale).to(tl.float32)
+    norm = tl.where(worst == 2.0, float("nan"), tl.where(worst == 1.0, float("inf"), norm))
     if HAS_MAX_NORM:
         ratio = max_norm / (norm + eps)
-        # Written so that a NaN ratio stays NaN, as torch.clamp(ratio, max=1) does.
+        # Written so that a NaN ratio stays NaN, as torch.clamp(ratio, max=1) does; 0 / 0
+        # (max_norm 0, an all-zero gradient, eps 0) leaves the gradient as it is.
         clip = tl.where(ratio > 1.0, 1.0, ratio)
+        clip = tl.where(norm + eps == 0.0, 1.0, clip)
     else:
         clip = 1.0
+    coef = inv * clip
+    # Pass 3, overflow on store: a slot's largest |x * coef| (fp32 rounding is monotonic) at
+    # or above the limit of the dtype it is stored in becomes inf there.
+    over = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, num_slots, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < num_slots
+        m = tl.load(partials_ptr + ROW_MAX * num_slots + offs, mask=mask, other=0.0)
+        lim = tl.load(partials_ptr + ROW_LIMIT * num_slots + offs, mask=mask, other=float("inf"))
+        over = tl.maximum(over, (m * tl.abs(coef) >= lim).to(tl.int32))
+    overflow = tl.max(over, axis=0) > 0
+    # A norm that overflows fp32 counts as non-finite too.
+    found_inf = tl.where((worst > 0.0) | (norm != norm) | (norm == float("inf")) | overflow, 1.0, 0.0)
     tl.store(stats_ptr + 0, norm)
     tl.store(stats_ptr + 1, found_inf)
-    tl.store(stats_ptr + 2, inv * clip)
+    tl.store(stats_ptr + 2, coef)
 
 
 @triton.jit
 def _apply_tile(src_ptr, dst_ptr, offs, limit, coef, FULL: tl.constexpr):
-    x = load_tile(src_ptr, offs, limit, FULL).to(tl.float32)
+    x = to_f32(load_tile(src_ptr, offs, limit, FULL))
     store_tile(dst_ptr, offs, limit, x * coef, FULL)
 
 
@@ -199,25 +275,30 @@ def norm_partials(
     inv_scale: "float | torch.Tensor",
     norm_type: float,
     *,
+    out: "list[torch.Tensor] | None" = None,
     max_programs: int = MAX_PROGRAMS,
 ) -> torch.Tensor:
-    """Phase 1, one read pass: the fp32 partials ``[2, num_slots]`` (one slot per program).
-    Slots fold by concatenation: ``finalize`` of ``torch.cat([a, b], -1)`` is the result over
-    the buckets of both ``a`` and ``b`` (how sharded gradients get a global norm)."""
+    """Phase 1, one read pass: the fp32 partials ``[NUM_ROWS, num_slots]`` (one slot per
+    program; rows ``ROW_*``). ``out``: where the results will be stored (their dtypes set the
+    overflow-on-store limits); None: in place. Slots fold by concatenation: ``finalize`` of
+    ``torch.cat([a, b], -1)`` is the result over the buckets of both ``a`` and ``b`` (how
+    sharded gradients get a global norm)."""
     device = buckets[0].device
     kind = norm_kind(norm_type)
     p = 0.0 if kind == NORM_INF else float(norm_type)
     inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, buckets[0])
-    grids = _grids(buckets, max_programs)
+    # An empty bucket gets one empty slot (a program with no tiles), so that the number of
+    # slots depends on the buckets' sizes only, never on their values or emptiness.
+    grids = [(programs or 1, tiles) for programs, tiles in _grids(buckets, max_programs)]
     num_slots = sum(programs for programs, _ in grids)
-    partials = torch.empty(2, num_slots, dtype=torch.float32, device=device)
+    partials = torch.empty(NUM_ROWS, num_slots, dtype=torch.float32, device=device)
     slot_base = 0
-    for b, (programs, tiles) in zip(buckets, grids):
-        if programs == 0:
-            continue
+    for i, (b, (programs, tiles)) in enumerate(zip(buckets, grids)):
+        limit = store_limit(b.dtype if out is None else out[i].dtype)
         # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
         norm_partials_kernel[(programs,)](
-            b, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
+            b if b.numel() else partials, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
+            limit,
             INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
         slot_base += programs
@@ -235,7 +316,10 @@ def finalize(
     kind = norm_kind(norm_type)
     p = 0.0 if kind == NORM_INF else float(norm_type)
     if partials.shape[-1] == 0:
-        partials = torch.zeros(2, 1, dtype=torch.float32, device=partials.device)  # no elements: a zero slot
+        # No elements: one empty slot (nothing to overflow); fills, not a host copy.
+        partials = torch.zeros(NUM_ROWS, 1, dtype=torch.float32, device=partials.device)
+        partials[ROW_EXP.value].fill_(-126.0)
+        partials[ROW_LIMIT.value].fill_(math.inf)
     partials = partials.contiguous()
     stats = torch.empty(3, dtype=torch.float32, device=partials.device)
     inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, stats)
@@ -282,7 +366,7 @@ def unscale_clip_(
 ) -> torch.Tensor:
     """Launch helper; inputs are validated by ``fusedaccum.ops``. Returns the fp32 ``stats``
     tensor ``[total_norm, found_inf, coef]`` on the buckets' device."""
-    partials = norm_partials(buckets, inv_scale, norm_type, max_programs=max_programs)
+    partials = norm_partials(buckets, inv_scale, norm_type, out=out, max_programs=max_programs)
     stats = finalize(partials, inv_scale, max_norm, norm_type, eps)
     apply(buckets, stats, out, skip_if_nonfinite, max_programs=max_programs)
     return stats

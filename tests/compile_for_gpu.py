@@ -48,7 +48,8 @@ def variants():
             for from_ptr in (False, True):
                 yield (uc.norm_partials_kernel,
                        {"x_ptr": PTR[x], "inv_ptr": "*fp32", "inv_value": "fp32", "partials_ptr": "*fp32",
-                        "slot_base": "i32", "num_slots": "i32", "n": "i64", "tiles_per_program": "i32", "p": "fp32"},
+                        "slot_base": "i32", "num_slots": "i32", "n": "i64", "tiles_per_program": "i32", "p": "fp32",
+                        "limit": "fp32"},
                        {"INV_FROM_PTR": from_ptr, "NORM_KIND": kind, "BLOCK": BLOCK}, NUM_WARPS)
     for kind in KINDS:
         for has_max_norm in (False, True):

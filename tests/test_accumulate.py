@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,36 @@ def test_reference_cpu_pieces_give_the_same_bits(monkeypatch, dtype, scale_kind)
     monkeypatch.setattr(reference, "CPU_PIECE", 1000)
     fusedaccum.accumulate_(acc, grad, scale)
     assert same_bits(acc, whole)
+
+
+# ---- issue 10 ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_accumulate_rounds_once_like_an_fma(backend, device, scale_kind):
+    """Item 8: acc + grad * scale is rounded once in both backends (the Triton kernel rounded
+    the product first: under cancellation most elements differed)."""
+    g = torch.Generator().manual_seed(51)
+    grad = torch.rand(BLOCK + 7, generator=g, dtype=torch.float64) + 0.5
+    scale = 1.0 + 2.0 ** -20
+    acc64 = -(grad * scale) + grad * 2.0 ** -30  # cancels all but a sliver
+    acc = acc64.float().to(device)
+    expected = acc.double().cpu() + grad.float().double() * scale  # exact: then one rounding
+    fusedaccum.accumulate_(acc, grad.float().to(device), _scale(scale_kind, scale, device))
+    assert torch.equal(acc.cpu(), expected.float())
+    # inf + (-FLT_MAX * 65536): the exact product is finite inside an fma, so inf, not NaN.
+    acc = torch.tensor([float("inf")], device=device)
+    fusedaccum.accumulate_(acc, torch.tensor([-3.4028235e38], device=device), _scale(scale_kind, 65536.0, device))
+    assert float(acc) == float("inf")
+
+
+@pytest.mark.parametrize("value", [1e39, -1e39])
+def test_accumulate_scale_outside_fp32_is_inf_in_both_forms(backend, device, value):
+    """Item 3: a Python float beyond fp32 behaves as the same float64 tensor (+-inf), in both
+    backends, instead of an error in one."""
+    results = []
+    for scale in (value, torch.tensor(value, dtype=torch.float64, device=device)):
+        acc = torch.zeros(3, device=device)
+        fusedaccum.accumulate_(acc, torch.tensor([1.0, -2.0, 0.0], device=device), scale)
+        results.append(acc.cpu())
+    assert same_bits(results[0], results[1])
+    assert results[0][0] == math.copysign(math.inf, value) and math.isnan(results[0][2])

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -187,3 +188,17 @@ def test_arguments_the_fused_path_does_not_take_go_to_torch(backend, device, kwa
             assert torch.equal(a.grad.isnan(), b.grad.isnan())
             torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
     assert not fused_calls
+
+
+# ---- issue 10 ----------------------------------------------------------------------------
+
+def test_empty_generator_warns_like_torch():
+    """Item 11: torch warns that nothing will be clipped; a list first must not hide it."""
+    params = [torch.nn.Parameter(torch.ones(3))]
+    for clip in (torch.nn.utils.clip_grad_norm_, fusedaccum.clip_grad_norm_):
+        with pytest.warns(UserWarning, match="empty generator, no gradient clipping will occur") as record:
+            total = clip((p for p in params if p.dim() == 0), 1.0)
+        assert float(total) == 0.0 and record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedaccum.clip_grad_norm_([], 1.0)  # an empty list: no warning, as torch
