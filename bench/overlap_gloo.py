@@ -8,6 +8,7 @@ one forward+backward of a micro-batch, and one whole window two ways: DDP, whose
 overlaps the last micro-batch's backward (accumulate(ddp_model)), and GradAccumulator without
 DDP, which all-reduces its bucket at step()."""
 
+import gc
 import os
 import statistics
 import sys
@@ -73,6 +74,7 @@ def _worker(rank: int, world: int, store_path: str, width: int) -> None:
         # DDP and its reducer are gone when _measure returns: torn down after the group, gloo
         # can abort the process.
         t = _measure(rank, width)
+        gc.collect()  # anything of _measure's left in a reference cycle (DDP's reducer) goes now
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -126,10 +126,11 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
 @torch.no_grad()
 def _sum_squares(tensors) -> torch.Tensor:
     """Σx² over flat fp32/bf16/fp16 tensors on one device, fp64 0-d; one read pass (the
-    norm's phase 1, then a fold of its per-program fp32 partials in fp64), no sync."""
+    norm's phase 1 and its one-program finalize), no sync."""
     flat = [t.view(-1) for t in tensors]
-    partials = _backend.implementation(flat[0].device).norm_partials(flat, 1.0, 2.0)
-    return partials[0].sum(dtype=torch.float64)
+    impl = _backend.implementation(flat[0].device)
+    norm = impl.finalize(impl.norm_partials(flat, 1.0, 2.0), 1.0, None, 2.0, 0.0)[0]
+    return norm.double().square()
 
 
 def sq_slots(t: torch.Tensor) -> int:

@@ -46,7 +46,7 @@ def _add_(acc: torch.Tensor, x: torch.Tensor, scale: "float | torch.Tensor") -> 
 
 def _accumulate_pieces(acc, g, scale, overwrite: bool, squares: "list | None") -> None:
     """acc (+)= g * scale; with ``squares``, also the fp32 row norms of g's values."""
-    note = (lambda x: None) if squares is None else (lambda x: squares.extend(_partial_norms(x, 2.0)))
+    note = (lambda x: None) if squares is None else (lambda x: squares.extend(_row_norms(x)))
     if overwrite:
         # copy_ then mul_, not torch.mul(g, s, out=acc): that would round the product to
         # grad's (possibly bf16) dtype before it lands in fp32.
@@ -133,10 +133,8 @@ def _reads_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
-    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
-    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
-    the check reads a CPU tensor, which is no device synchronisation."""
+def _row_norms(b: torch.Tensor) -> "list[torch.Tensor]":
+    """fp32 2-norms of b's rows of NORM_ROW elements (and of its tail): one pass."""
     n = b.numel()
     bulk = n - n % NORM_ROW
     rows = []
@@ -144,7 +142,14 @@ def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
         rows.append(torch.linalg.vector_norm(b[:bulk].view(-1, NORM_ROW), 2, dim=1, dtype=torch.float32))
     if bulk != n:
         rows.append(torch.linalg.vector_norm(b[bulk:], 2, dtype=torch.float32).reshape(1))
-    total = torch.cat(rows).double().square().sum()
+    return rows
+
+
+def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
+    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
+    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
+    the check reads a CPU tensor, which is no device synchronisation."""
+    total = torch.cat(_row_norms(b)).double().square().sum()
     return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
 
 
