@@ -33,7 +33,6 @@ import contextlib
 import math
 import numbers
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -44,38 +43,9 @@ from .guards import WindowGuard
 from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, accumulate_, sq_slots
 from .parallel import Window, engine_for
 from .scaler import LossScaler
+from .step_result import StepResult
 
 __all__ = ["GradAccumulator", "StepResult"]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What ``GradAccumulator.step`` returns at a window boundary.
-
-    total_norm: 0-d fp32 device tensor, the global ``norm_type``-norm of the window's
-        normalized, unscaled gradient before clipping (inf/NaN when ``found_inf``).
-    found_inf: 0-d fp32 device tensor, 1.0 when the gradient held inf/NaN and the optimizer
-        step was skipped, else 0.0.
-    micro_batches: how many micro-batches the window accumulated (on this rank).
-    num_items: the window's total items (int, float or 0-d device tensor), or None when the
-        window was normalized by ``micro_batches``. Data parallel: the total over all ranks
-        (0-d fp64 device tensor), the number the gradient was divided by.
-    loss: 0-d fp64 device tensor, the window's loss: the mean of the micro-batch losses, or
-        with ``num_items`` their sum over the window's items (the large-batch per-item mean);
-        over all ranks when data parallel. Detached; reading it is the caller's sync.
-    noise_scale: a ``fusedaccum.NoiseScale`` (0-d device tensors ``trace_cov``, ``grad_sq``,
-        ``b_simple``, ...) after this window, or None when ``noise_scale`` is off.
-    accumulation_steps_change: the ``StepsChange`` the adaptive policy made after this
-        window (the next windows hold ``.new`` micro-batches), or None.
-    """
-
-    total_norm: torch.Tensor
-    found_inf: torch.Tensor
-    micro_batches: int
-    num_items: "int | float | torch.Tensor | None"
-    loss: "torch.Tensor | None" = None
-    noise_scale: "_signals.NoiseScale | None" = None
-    accumulation_steps_change: "_signals.StepsChange | None" = None
 
 
 class GradAccumulator:
@@ -348,15 +318,9 @@ class GradAccumulator:
         ``backward``). Then ``optimizer.step()`` runs unless inf/NaN was found, the scaler
         is updated, and a new window starts.
 
-        Host syncs: optimizers with PyTorch's fused AMP contract
-        (``_step_supports_amp_scaling``, e.g. ``AdamW(fused=True)``, ``SGD(fused=True)``)
-        receive ``found_inf`` as a device tensor and skip on the device: no sync, once every
-        parameter with a gradient has its optimizer state (after the first successful step that
-        saw it; ``SGD(fused=True)`` without momentum needs none; before, ``SGD(fused=True)``
-        with momentum would keep uninitialised momentum buffers from a step skipped on the
-        device). Any other optimizer, and a fused one until then, costs exactly one sync per
-        optimizer step (``found_inf.item()`` decides whether to call ``optimizer.step()``).
-        Nothing else reads the device.
+        Host syncs: none with a fused optimizer (``AdamW(fused=True)``...) once every parameter
+        with a gradient has its optimizer state; otherwise exactly one per optimizer step
+        (``found_inf.item()``). Why: docs/guide.md, "Host syncs".
 
         If ``optimizer.step()`` raises, the window stays closed with its processed gradient
         in ``param.grad``: call ``step`` again (e.g. with a fixed optimizer) to finish it;
