@@ -15,6 +15,7 @@ import numpy
 import torch
 
 from . import _backend
+from .reference import ROW_EXP, ROW_LIMIT  # the partials' row layout, shared by both backends
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -206,6 +207,9 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     impl = _backend.implementation(device)
     partials = impl.norm_partials(flat, inv, p, out=out)
     if reduce_partials is not None:
+        # Ranks with shards of different sizes get different slot counts from the kernels; a
+        # gather needs one shape everywhere, so pad to the bound that depends on the bucket count only.
+        partials = _pad_slots(partials, len(flat) * impl.MAX_SLOTS_PER_BUCKET)
         reduced = reduce_partials(partials)
         if (not isinstance(reduced, torch.Tensor) or reduced.dtype != partials.dtype
                 or reduced.device != partials.device or reduced.shape[:-1] != partials.shape[:-1]):
@@ -217,6 +221,19 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     stats = impl.finalize(partials, inv, max_norm, p, eps)
     impl.apply(flat, stats, out, bool(skip_if_nonfinite))
     return stats
+
+
+def _pad_slots(partials: torch.Tensor, width: int) -> torch.Tensor:
+    """partials with neutral slots appended up to ``width``: nothing summed, the smallest scale
+    exponent, nothing non-finite, no store limit (what the finalize uses for no elements).
+    Fills on the device, no copy from the host."""
+    missing = width - partials.shape[-1]
+    if missing <= 0:
+        return partials
+    neutral = partials.new_zeros(partials.shape[0], missing)
+    neutral[ROW_EXP].fill_(-126.0)
+    neutral[ROW_LIMIT].fill_(math.inf)
+    return torch.cat([partials, neutral], dim=-1)
 
 
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):

@@ -20,6 +20,7 @@ ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = range(5)
 # as a copy), folded in fp64. Used when the folded Σx² shows that no row left the range in
 # which fp32 squares are exact enough (SAFE_SUM); otherwise the scaled path.
 NORM_ROW = 1024
+MAX_SLOTS_PER_BUCKET = 1  # norm_partials gives every bucket one slot
 SAFE_SUM = (2.0 ** -100, 2.0 ** 100)
 
 

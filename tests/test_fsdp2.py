@@ -397,6 +397,27 @@ def scenario_resume(rank, world):
             "layout": saved["acc"]["bucket_layout"]}
 
 
+def scenario_uneven_slots(rank, world):
+    """Shards over one kernel tile on one rank only (4160 vs 4096 elements: 2 vs 1 program
+    slots in the Triton norm): the gathered partials still line up; the norm is the full one."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fusedaccum import GradAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 129, bias=False))
+    fully_shard(model[0])
+    fully_shard(model)
+    acc = GradAccumulator(model, 1)  # no clipping: param.grad is then the normalized gradient
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(rank))
+    with acc.accumulate(model):
+        acc.backward(model(x).square().mean())
+    res = acc.step(torch.optim.SGD(model.parameters(), lr=0.0))
+    full = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()])
+    return {"norm": float(res.total_norm), "full_norm": full.double().norm().item(),
+            "local_numels": [p.to_local().numel() for p in model.parameters()]}
+
+
 def scenario_refusals(rank, world):
     import torch.distributed as dist
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
@@ -765,9 +786,14 @@ def test_triton_backend_two_ranks(tmp_path):
         pytest.skip("needs torch.distributed with gloo")
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    records = ok([r["items_micro"] for r in launch(tmp_path, 2, ["items_micro"], backend="triton")])
+    runs = launch(tmp_path, 2, ["items_micro", "uneven_slots"], backend="triton")
+    records = ok([r["items_micro"] for r in runs])
     ref, norms = reference(items_plan(2), per_item=True)
     assert_matches(records, ref, norms)
+    uneven = ok([r["uneven_slots"] for r in runs])
+    assert [rec["local_numels"] for rec in uneven] == [[4160], [4096]]
+    for rec in uneven:
+        assert rec["norm"] == pytest.approx(rec["full_norm"], rel=1e-5)
 
 
 
