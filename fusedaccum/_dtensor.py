@@ -14,8 +14,13 @@ def dtensor_type():
     """torch's DTensor class, or None where torch.distributed is not built."""
     if not torch.distributed.is_available():
         return None
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor  # public from torch 2.5
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
     return DTensor
 
 

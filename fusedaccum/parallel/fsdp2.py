@@ -17,9 +17,8 @@ Two window modes (``GradAccumulator(..., fsdp_sync=...)``):
   fp32 so that the window's sum is an fp32 sum).
 
 At ``step``: FSDP divided its reduction by ``F`` (its gradient divide factor, by default the
-number of data-parallel ranks): the normalizer becomes ``global count / F``; the count is
-all-reduced (one fp64 element) only when it can differ between ranks (``num_items``, or a
-forced partial window). The norm's per-program partials are made global by one
+number of data-parallel ranks): the normalizer becomes ``global count / F``; the count, with
+the window's loss and statistics, is all-reduced as one small fp64 vector (``global_normalizer``). The norm's per-program partials are made global by one
 ``all_gather_single`` over the shard group (``reduce_partials``); the replicas of an
 HSDP mesh hold equal values and are not gathered. No host sync; every rank decides alike.
 """
@@ -41,7 +40,9 @@ def _fsdp():
 
 
 def is_fsdp2(model) -> bool:
-    return dist().is_available() and isinstance(model, _fsdp().FSDPModule)
+    # FSDPModule is public from torch 2.6; an older torch has no FSDP2 model to see.
+    cls = getattr(_fsdp(), "FSDPModule", None) if dist().is_available() else None
+    return cls is not None and isinstance(model, cls)
 
 
 def is_fsdp1(model) -> bool:
