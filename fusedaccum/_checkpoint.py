@@ -73,6 +73,8 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                                                                      or signals["sums"].numel() != 4))):
         raise ValueError("the state dict's signals must be a dict with a 4-element 'sums' tensor (or None) "
                          "and 'noise'")
+    if signals is not None and tracker is not None and signals["noise"] is not None:
+        type(tracker).check_state(signals["noise"])
     buckets = state_dict["buckets"]
     if micro > 0:
         if buckets is None or len(buckets) != len(layout):

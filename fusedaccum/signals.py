@@ -227,10 +227,22 @@ class NoiseTracker:
         return {"ema": None if self.smoother.state is None else self.smoother.state.clone(),
                 "windows_since_decision": self.windows_since_decision, "windows": self.windows}
 
-    def load_state_dict(self, state: dict, device) -> None:
+    @staticmethod
+    def check_state(state) -> None:
+        """Raise, changing nothing, unless ``state`` is what ``state_dict`` returns."""
+        if not isinstance(state, dict) or not {"ema", "windows_since_decision", "windows"} <= set(state):
+            raise ValueError("the state dict's noise-scale state must be a dict with 'ema', "
+                             "'windows_since_decision' and 'windows'")
         ema = state["ema"]
         if ema is not None and (not isinstance(ema, torch.Tensor) or ema.numel() != 4):
             raise ValueError("the state dict's noise-scale EMA must be None or a 4-element tensor")
+        for key in ("windows_since_decision", "windows"):
+            if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral) or state[key] < 0:
+                raise ValueError(f"{key}={state[key]!r} in the state dict's noise-scale state; expected an integer >= 0")
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.check_state(state)
+        ema = state["ema"]
         self.smoother.state = None if ema is None else ema.to(device, torch.float64).clone()
         self.windows_since_decision = int(state["windows_since_decision"])
         self.windows = int(state["windows"])

@@ -689,3 +689,25 @@ def test_no_sync_on_cuda_with_statistics(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("corrupt", ["ema_shape", "windows"])
+def test_a_corrupt_noise_state_is_refused_before_anything_changes(corrupt):
+    x, y = make_data(8, "cpu")
+    model = make_model(torch.float32, "cpu")
+    scaler = LossScaler(init_scale=4.0)
+    acc = GradAccumulator(model.parameters(), 3, noise_scale=True, scaler=scaler)
+    acc.backward(loss_of(model, x[:4], y[:4], False))
+    state = acc.state_dict()
+    state["scaler"] = dict(state["scaler"], scale=8.0)  # would change the scaler if loaded
+    noise = state["signals"]["noise"]
+    if corrupt == "ema_shape":
+        noise["ema"] = torch.zeros(3, dtype=torch.float64)
+    else:
+        noise["windows"] = -1
+    acc.backward(loss_of(model, x[4:], y[4:], False))
+    sums = [b.accum.clone() for b in acc.buckets]
+    with pytest.raises(ValueError, match="noise-scale"):
+        acc.load_state_dict(state)
+    assert acc.micro_batches == 2 and scaler.get_scale() == 4.0
+    assert all(torch.equal(s, b.accum) for s, b in zip(sums, acc.buckets))
