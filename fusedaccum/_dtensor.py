@@ -1,11 +1,9 @@
 """Sharded (DTensor, FSDP2) gradients: the ``reduce_partials`` hook that makes the norm's
 partials global (one gather over the shard group), and ``clip_grad_norm_`` over DTensor grads."""
 
-import functools
-
 import torch
 
-from .ops import CLIP_EPS, GRAD_DTYPES, _covering_buckets, _fusable_clip_args, _unscale_clip_stats
+from .ops import GRAD_DTYPES, _covering_buckets, _fused_clip, _fusable_clip_args
 
 __all__ = ["clip_grad_norm_", "dtensor_type", "gather_partials", "is_dtensor", "shard_group"]
 
@@ -82,13 +80,6 @@ def clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, fore
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
     mesh, group, size = sharding
     hook = gather_partials(group, size) if size > 1 else None
-    stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS, reduce_partials=hook,
-                                skip_if_nonfinite=bool(error_if_nonfinite))
-    total = stats[0].to(functools.reduce(torch.promote_types, dtypes))
-    if error_if_nonfinite and not torch.isfinite(total):
-        raise RuntimeError(
-            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
-            "so it cannot be clipped. To disable this error and scale the gradients by the non-finite "
-            "norm anyway, set `error_if_nonfinite=False`")
+    total = _fused_clip(buffers, dtypes, max_norm, norm_type, error_if_nonfinite, reduce_partials=hook)
     # Every rank holds the global norm: a replicated DTensor, as torch returns a DTensor.
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -345,7 +345,13 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         # Other arguments the fused path does not take (a tensor max_norm, norm_type <= 0,
         # ...) go to torch too, which decides what they mean.
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS,
+    return _fused_clip(buffers, dtypes, max_norm, norm_type, error_if_nonfinite)
+
+
+def _fused_clip(buffers, dtypes, max_norm, norm_type, error_if_nonfinite, reduce_partials=None) -> torch.Tensor:
+    """The fused clip over flat ``buffers`` with torch's return dtype and error; the norm is
+    global over ranks with ``reduce_partials`` (sharded gradients)."""
+    stats = _unscale_clip_stats(buffers, 1.0, float(max_norm), norm_type, CLIP_EPS, reduce_partials=reduce_partials,
                                 skip_if_nonfinite=bool(error_if_nonfinite))
     total_norm = stats[0].to(functools.reduce(torch.promote_types, dtypes))
     if error_if_nonfinite and not torch.isfinite(total_norm):

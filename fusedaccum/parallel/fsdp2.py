@@ -23,8 +23,6 @@ the window's loss and statistics, is all-reduced as one small fp64 vector (``glo
 HSDP mesh hold equal values and are not gathered. No host sync; every rank decides alike.
 """
 
-import torch
-
 from .._dtensor import gather_partials
 from .base import Engine, Window, dist, global_normalizer, local_normalizer, wait
 
