@@ -32,6 +32,9 @@ class _Reattach:
         # the count its own backwards made to catch a backward that bypassed it (fusedaccum.guards).
         self.accumulations = 0
 
+    def count(self, _tensor) -> None:
+        self.accumulations += 1
+
     def hook(self, view: torch.Tensor):
         def reattach(p: torch.Tensor) -> None:
             self.accumulations += 1
@@ -188,6 +191,7 @@ class GradBuckets:
         self._reattach = reattach
         self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(view)) for p, view in reattach.pairs]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
+        self._watched: set = set()
         self.attach()
 
     def attach(self) -> None:
@@ -220,6 +224,14 @@ class GradBuckets:
     @property
     def params(self) -> list:
         return [p for b in self.buckets for p in b.params]
+
+    def watch(self, tensors) -> None:
+        """Count autograd accumulations into ``tensors`` too: parameters that stand in for the
+        managed ones in the backward (FSDP2's unsharded parameters), for the guards."""
+        for t in tensors:
+            if id(t) not in self._watched:
+                self._watched.add(id(t))
+                self._hooks.append(t.register_post_accumulate_grad_hook(self._reattach.count))
 
     @property
     def accumulations(self) -> int:

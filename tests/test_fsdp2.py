@@ -819,6 +819,32 @@ def test_single_rank_in_process(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("mode", ["micro_batch", "window"])
+def test_guard_sees_a_stray_backward(tmp_path, mode):
+    """loss.backward() inside accumulate under FSDP2 (world size 1, in process): autograd fills
+    FSDP2's unsharded parameters, which the buckets watch too; the next acc.backward raises."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group yet")
+    from fusedaccum import GradAccumulator
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = fsdp_model()
+        acc = GradAccumulator(model, K, fsdp_sync=mode)
+        (x, y), = window_data(mean_plan(1), 0)[0][:1]
+        with acc.accumulate(model):
+            acc.backward(mean_loss(model, x, y))
+        with acc.accumulate(model):
+            mean_loss(model, x, y).backward()  # the mistake
+        with pytest.raises(RuntimeError, match=r"outside acc\.backward"):
+            acc.backward(mean_loss(model, x, y))
+        acc.release()
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     rank, world, rdzv, out_dir, names = sys.argv[1:6]
     worker(int(rank), int(world), rdzv, out_dir, names.split(","))
