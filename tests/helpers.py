@@ -45,3 +45,12 @@ def norm64(tensors, p: float) -> torch.Tensor:
     if flat.numel() == 0:
         return torch.zeros((), dtype=torch.float64)
     return torch.linalg.vector_norm(flat, p)
+
+
+def read_by_cpu_reference(depth: int = 2) -> bool:
+    """Whether the host read a spy sees (the spy's caller, ``depth`` frames up) comes from the CPU
+    reference, which reads its own CPU flags by design (docs/numerics.md): no device to wait for."""
+    import os
+    import sys
+
+    return sys._getframe(depth).f_code.co_filename.endswith(os.path.join("fusedaccum", "reference.py"))

@@ -18,10 +18,9 @@ import contextlib
 import copy
 import warnings
 import io
-import os
-import sys
 
 import pytest
+from helpers import read_by_cpu_reference
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -735,8 +734,7 @@ def test_fused_optimizer_path_never_reads_the_device(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def spy(self, *args, **kwargs):
-            # The CPU reference reads its own CPU flags (documented; no device to wait for).
-            if not sys._getframe(1).f_code.co_filename.endswith(os.path.join("fusedaccum", "reference.py")):
+            if not read_by_cpu_reference():
                 reads.append(name)
             return original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, spy)

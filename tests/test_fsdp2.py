@@ -290,6 +290,7 @@ def scenario_host_reads(rank, world):
     (after its first step), tensor num_items and a scaler, and in clip_grad_norm_."""
     import fusedaccum
     from fusedaccum import GradAccumulator, LossScaler
+    from helpers import read_by_cpu_reference
 
     model = fsdp_model()
     acc = GradAccumulator(model, K, max_norm=MAX_NORM, scaler=LossScaler())
@@ -308,8 +309,7 @@ def scenario_host_reads(rank, world):
 
     def spy(name):
         def read(self, *args, **kwargs):
-            # The CPU reference reads its own CPU flags (documented; no device to wait for).
-            if not sys._getframe(1).f_code.co_filename.endswith(os.path.join("fusedaccum", "reference.py")):
+            if not read_by_cpu_reference():
                 reads.setdefault(phase, []).append(name)
             return originals[name](self, *args, **kwargs)
         return read
@@ -797,53 +797,49 @@ def test_triton_backend_two_ranks(tmp_path):
 
 
 
-def test_single_rank_in_process(tmp_path):
-    """World size 1 (e.g. one GPU with NCCL; here gloo): no gather hook, FSDP2 divides by
-    nothing, the weights of the float64 reference."""
+@pytest.fixture
+def single_rank(tmp_path):
+    """A gloo process group of world size 1 in this process (e.g. one GPU with NCCL)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
         pytest.skip("needs torch.distributed with gloo and no process group yet")
-    from fusedaccum import GradAccumulator
-
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        model = fsdp_model()
-        acc = GradAccumulator(model, K, max_norm=MAX_NORM)
-        assert acc._engine.reduce_partials is None
-        rec = _train(acc, model, make_opt(model.parameters()), items_plan(1), 0, per_item=True)
-        ref, norms = reference(items_plan(1), per_item=True)
-        assert_matches([rec], ref, norms)
-        acc.release()
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def test_single_rank_in_process(single_rank):
+    """World size 1: no gather hook, FSDP2 divides by nothing, the weights of the float64 reference."""
+    from fusedaccum import GradAccumulator
+
+    model = fsdp_model()
+    acc = GradAccumulator(model, K, max_norm=MAX_NORM)
+    assert acc._engine.reduce_partials is None
+    rec = _train(acc, model, make_opt(model.parameters()), items_plan(1), 0, per_item=True)
+    ref, norms = reference(items_plan(1), per_item=True)
+    assert_matches([rec], ref, norms)
+    acc.release()
 
 
 @pytest.mark.parametrize("mode", ["micro_batch", "window"])
-def test_guard_sees_a_stray_backward(tmp_path, mode):
+def test_guard_sees_a_stray_backward(single_rank, mode):
     """loss.backward() inside accumulate under FSDP2 (world size 1, in process): autograd fills
     FSDP2's unsharded parameters, which the buckets watch too; the next acc.backward raises."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed with gloo and no process group yet")
     from fusedaccum import GradAccumulator
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        model = fsdp_model()
-        acc = GradAccumulator(model, K, fsdp_sync=mode)
-        (x, y), = window_data(mean_plan(1), 0)[0][:1]
-        with acc.accumulate(model):
-            acc.backward(mean_loss(model, x, y))
-        with acc.accumulate(model):
-            mean_loss(model, x, y).backward()  # the mistake
-        with pytest.raises(RuntimeError, match=r"outside acc\.backward"):
-            acc.backward(mean_loss(model, x, y))
-        acc.release()
-    finally:
-        dist.destroy_process_group()
-
+    model = fsdp_model()
+    acc = GradAccumulator(model, K, fsdp_sync=mode)
+    (x, y), = window_data(mean_plan(1), 0)[0][:1]
+    with acc.accumulate(model):
+        acc.backward(mean_loss(model, x, y))
+    with acc.accumulate(model):
+        mean_loss(model, x, y).backward()  # the mistake
+    with pytest.raises(RuntimeError, match=r"outside acc\.backward"):
+        acc.backward(mean_loss(model, x, y))
+    acc.release()
 
 if __name__ == "__main__":
     rank, world, rdzv, out_dir, names = sys.argv[1:6]

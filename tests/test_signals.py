@@ -9,7 +9,6 @@ fourth moments), so ``tr(Σ) = (d + 1)|δ|² + d σ²`` and ``|𝒢|² = |δ|²`
 """
 
 import math
-import os
 import sys
 
 import pytest
@@ -133,7 +132,7 @@ def test_settings_argument():
 
 # ---------------------------------------------------------------- Σ grad² in the accumulate pass
 
-from helpers import GRAD_DTYPES, SIZES as BOUNDARY_SIZES, randn  # noqa: E402
+from helpers import GRAD_DTYPES, SIZES as BOUNDARY_SIZES, randn, read_by_cpu_reference  # noqa: E402
 
 import fusedaccum  # noqa: E402
 from fusedaccum import ops  # noqa: E402
@@ -310,8 +309,7 @@ def spy_host_reads(monkeypatch):
         original = getattr(torch.Tensor, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
-            # The CPU reference reads its own CPU flags (documented; no device to wait for).
-            if not sys._getframe(1).f_code.co_filename.endswith(os.path.join("fusedaccum", "reference.py")):
+            if not read_by_cpu_reference():
                 reads.append(_name)
             return _original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, spy)
