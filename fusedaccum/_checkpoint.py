@@ -9,7 +9,10 @@ from .parallel import Window
 
 __all__ = ["load_state", "save_state"]
 
-_STATE_VERSION = 2  # 2 adds "param_shapes"; version 1 state dicts still load
+# 2 adds "param_shapes"; 3 adds "unsynced" (and the signal sums carried across a resume are
+# saved again when the window is saved again). Versions 1 and 2 still load.
+_STATE_VERSION = 3
+_VERSIONS = (1, 2, _STATE_VERSION)
 
 
 def save_state(acc) -> dict:
@@ -18,21 +21,18 @@ def save_state(acc) -> dict:
                            "step(optimizer) again to finish the window before saving")
     win = acc._win
     acc._engine.check_saveable(win)
-    mid_window = win.micro > 0
+    # Everything the window is comes from Window.state_dict (one object, so no field is forgotten);
+    # its signal sums keep their version-2 place.
+    window = win.state_dict(lambda: acc._signals.local_sums(acc.device), [b.accum for b in acc.buckets])
+    sums = window.pop("sums")
     return {
         "version": _STATE_VERSION,
         "accumulation_steps": acc.accumulation_steps,
-        "micro_batches": win.micro,
-        "items_given": win.items_given,
-        "items_host": win.items_host,
-        "items_device": None if win.items_dev is None else win.items_dev.clone(),
+        **window,
         "bucket_layout": [(str(b.dtype), b.numel) for b in acc.buckets],
         "param_shapes": _param_shapes(acc),
-        # Mid-window the fp32 sums are the whole state (landing buffers are zero then);
-        # between windows the buckets are reset before the next window accumulates.
-        "buckets": [b.accum.clone() for b in acc.buckets] if mid_window else None,
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-        "signals": acc._signals.state_dict(mid_window, acc.device),
+        "signals": {"sums": sums, "noise": acc._signals.state_dict()},
     }
 
 
@@ -45,9 +45,9 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     missing = [k for k in required if k not in state_dict]
     if missing:
         raise KeyError(f"GradAccumulator state dict lacks {missing}")
-    if state_dict["version"] not in (1, _STATE_VERSION):
+    if state_dict["version"] not in _VERSIONS:
         raise ValueError(f"GradAccumulator state dict version {state_dict['version']!r}; "
-                         f"this fusedaccum reads versions 1 and {_STATE_VERSION}")
+                         f"this fusedaccum reads versions {', '.join(map(str, _VERSIONS))}")
     layout = [(str(b.dtype), b.numel) for b in acc.buckets]
     saved_layout = [tuple(x) for x in state_dict["bucket_layout"]]
     if saved_layout != layout:
@@ -64,34 +64,20 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
         k = state_dict.get("accumulation_steps", k)
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"accumulation_steps={k!r} in the state dict; expected an integer >= 1")
-    if (isinstance(micro, bool) or not isinstance(micro, numbers.Integral)
-            or not 0 <= micro <= k):
-        raise ValueError(f"micro_batches={micro!r} in the state dict; expected 0..{k}")
     signals = state_dict.get("signals")  # absent in state dicts saved before the signals existed
-    if signals is not None and (not isinstance(signals, dict) or set(signals) != {"sums", "noise"}
-                                or (signals["sums"] is not None and (not isinstance(signals["sums"], torch.Tensor)
-                                                                     or signals["sums"].numel() != 4))):
+    if signals is not None and (not isinstance(signals, dict) or set(signals) != {"sums", "noise"}):
         raise ValueError("the state dict's signals must be a dict with a 4-element 'sums' tensor (or None) "
                          "and 'noise'")
+    window = {key: state_dict[key] for key in ("micro_batches", "items_given", "items_host", "items_device",
+                                               "buckets")}
+    window["unsynced"] = state_dict.get("unsynced", False)  # version < 3: not recorded
+    window["sums"] = None if signals is None else signals["sums"]
+    Window.check_state(window, k, [b.numel for b in acc.buckets], check_host_items)
     if signals is not None and tracker is not None and signals["noise"] is not None:
         type(tracker).check_state(signals["noise"])
-    buckets = state_dict["buckets"]
-    if micro > 0:
-        if buckets is None or len(buckets) != len(layout):
-            raise ValueError("the state dict holds a partial window but not its bucket contents")
-        for i, (t, b) in enumerate(zip(buckets, acc.buckets)):
-            if (not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.dim() != 1
-                    or t.numel() != b.numel):
-                raise ValueError(f"state dict bucket {i} is not a 1-D fp32 tensor of {b.numel} elements")
     if (state_dict["scaler"] is None) != (acc.scaler is None):
         raise ValueError("the state dict was saved " + ("with" if acc.scaler is None else "without") +
                          " a scaler but this GradAccumulator has " + ("none" if acc.scaler is None else "one"))
-    items_dev = state_dict["items_device"]
-    if items_dev is not None and (not isinstance(items_dev, torch.Tensor) or items_dev.numel() != 1):
-        raise ValueError("items_device in the state dict must be None or a one-element tensor")
-    if state_dict["items_given"] not in (None, True, False):
-        raise ValueError(f"items_given={state_dict['items_given']!r} in the state dict; expected a bool or None")
-    check_host_items(state_dict["items_host"])
     saved_k = state_dict.get("accumulation_steps", acc.accumulation_steps)
     if micro > 0 and saved_k != k:
         warnings.warn(f"the state dict was saved with accumulation_steps={saved_k} and holds {micro} micro-batch(es); "
@@ -104,16 +90,13 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     acc._reset_window()
     with torch.no_grad():
         if micro > 0:
-            for t, b in zip(buckets, acc.buckets):
+            for t, b in zip(window["buckets"], acc.buckets):
                 b.accum.copy_(t)
                 if b.landing is not None:
                     b.landing.zero_()
-    if signals is not None:
-        acc._signals.load_state_dict(signals, acc.device)
+    acc._signals.load_state_dict(None if signals is None else signals["noise"], micro > 0, acc.device)
     acc._k = int(k)
-    acc._win = Window(micro=int(micro), items_given=state_dict["items_given"] if micro > 0 else None,
-                      items_host=state_dict["items_host"],
-                      items_dev=None if items_dev is None else items_dev.to(acc.device, torch.float64).reshape(()))
+    acc._win = Window.from_state(window, acc.device)
 
 
 def _param_shapes(acc) -> list:

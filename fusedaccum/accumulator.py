@@ -277,11 +277,7 @@ class GradAccumulator:
         self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._guard.sync()
-        win.micro += 1
-        win.items_given = num_items is not None
-        win.items_host += host_items
-        if dev_items is not None:
-            win.items_dev = dev_items if win.items_dev is None else win.items_dev + dev_items
+        win.add_micro_batch(num_items is not None, host_items, dev_items)
 
     def _samples_first(self) -> bool:
         """Whether the fp32 buckets after this window's first backward hold a small batch:
@@ -375,8 +371,8 @@ class GradAccumulator:
         win = self._win
         # Only what has to travel is packed: one process without statistics needs the loss alone.
         lean = self._signals.tracker is None and not self._engine.communicates
-        win.signals = None if lean else torch.cat([
-            self._signals.local_sums(self.device), torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
+        win.signals = None if lean else torch.cat([win.sums(self._signals.local_sums(self.device)),
+                                                   torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
         denom, items = self._engine.reduce(self._accums, win, force, self.device)
         if isinstance(denom, numbers.Real) and denom == 0:
             warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
@@ -389,7 +385,8 @@ class GradAccumulator:
         stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs, reduce_partials=self._engine.reduce_partials)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
-        sums = self._signals.local_loss(self.device).reshape(1) if lean else win.signals[:4]
+        # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)
+        sums = win.sums(self._signals.local_loss(self.device).reshape(1)) if lean else win.signals[:4]
         micro = win.micro if lean else win.signals[4]
         count = items if win.items_given else micro  # items (or micro-batches) over all ranks
         loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))

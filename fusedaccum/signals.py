@@ -297,7 +297,6 @@ class WindowSignals:
         self.dev_sizes: list = []  # c of small batches counted on the device (num_items tensors)
         self.fp32_sq: "torch.Tensor | None" = None
         self.sampled = False  # whether the lowp slots hold this window's values
-        self.carried: "torch.Tensor | None" = None  # local_sums of a window resumed from a checkpoint
 
     def weight(self, first: bool, sample_fp32, host_items, dev_items, given: bool):
         """The ``sq_weight`` (1/c²) for this micro-batch's accumulate pass, or None when it
@@ -328,12 +327,13 @@ class WindowSignals:
                 self.fp32_sq = sum_squares(self.fp32) * weight
 
     def local_loss(self, device) -> torch.Tensor:
-        """Σ of this rank's micro-batch losses, fp64 0-d (with those before a resume)."""
-        total = self.loss.total(device)
-        return total if self.carried is None else total + self.carried[0]
+        """Σ of this rank's micro-batch losses since the window started or was loaded, fp64 0-d
+        (those before a resume are ``Window.carried``)."""
+        return self.loss.total(device)
 
     def local_sums(self, device) -> torch.Tensor:
-        """fp64 ``[Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n]`` of this rank's window."""
+        """fp64 ``[Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n]`` of this rank's micro-batches since the
+        window started or was loaded (``Window.sums`` adds those before a resume)."""
         parts = [self.loss.total(device)]
         if self.tracker is None:
             return torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
@@ -349,25 +349,22 @@ class WindowSignals:
             n = ok.sum() + n
         parts += [torch.full((), inv, dtype=torch.float64, device=device) if not torch.is_tensor(inv) else inv,
                   torch.full((), n, dtype=torch.float64, device=device) if not torch.is_tensor(n) else n.double()]
-        sums = torch.stack(parts)
-        return sums if self.carried is None else sums + self.carried
+        return torch.stack(parts)
 
-    def state_dict(self, mid_window: bool, device) -> dict:
-        """The partial window's sums (as ``local_sums``) and the smoothing state."""
-        return {"sums": self.local_sums(device).clone() if mid_window else None,
-                "noise": None if self.tracker is None else self.tracker.state_dict()}
+    def state_dict(self) -> "dict | None":
+        """The smoothing state (the window's sums are ``Window``'s)."""
+        return None if self.tracker is None else self.tracker.state_dict()
 
-    def load_state_dict(self, state: dict, device) -> None:
-        """Checked by the caller to be a dict with these keys; a window in progress resumes
-        with its sums carried and the small-batch slots cleared."""
+    def load_state_dict(self, noise, mid_window: bool, device) -> None:
+        """``noise``: checked by the caller (``NoiseTracker.check_state``) or None. A window in
+        progress resumes with its sums carried by the ``Window`` and the small-batch slots cleared."""
         self.reset()
-        if state["sums"] is not None:
-            self.carried = state["sums"].to(device, torch.float64).clone()
+        if mid_window:
             for sq in self.sq:
                 sq.zero_()
             self.sampled = bool(self.sq)
-        if self.tracker is not None and state["noise"] is not None:
-            self.tracker.load_state_dict(state["noise"], device)
+        if self.tracker is not None and noise is not None:
+            self.tracker.load_state_dict(noise, device)
 
     def finish(self, sums, count, total_norm, found_inf, scale, given: bool):
         """The window's loss (fp64 0-d) and noise statistics, from the global ``sums`` (as

@@ -21,9 +21,10 @@ asynchronously and waited on (on CUDA/NCCL ``wait()`` orders the streams, the ho
 """
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
+
+from .window import Window
 
 __all__ = ["Engine", "Window", "all_reduce_async", "check_process_group", "dist", "local_normalizer",
            "global_normalizer"]
@@ -33,26 +34,6 @@ def dist():
     import torch.distributed
 
     return torch.distributed
-
-
-@dataclass
-class Window:
-    """What the micro-batches of the current window left for the step (host values only)."""
-
-    micro: int = 0  # micro-batches accumulated (a host int: no sync)
-    items_given: "bool | None" = None  # whether num_items came with the micro-batches
-    items_host: float = 0  # Python-number part of the items
-    items_dev: "torch.Tensor | None" = None  # device part (fp64 0-d), summed without sync
-    unsynced: bool = False  # the last micro-batch ran under a wrapper's no_sync()
-    # The window's signals (fusedaccum.signals: loss, noise-scale sums, micro-batches), fp64 on
-    # the device, set at the step: global_normalizer makes them global with the count.
-    signals: "torch.Tensor | None" = None
-
-    def items(self):
-        """The window's own item count (None without num_items)."""
-        if not self.items_given:
-            return None
-        return self.items_host if self.items_dev is None else self.items_dev + self.items_host
 
 
 def check_process_group(process_group) -> None:
@@ -80,14 +61,14 @@ def local_normalizer(window: Window):
 
 
 def global_normalizer(window: Window, group, world_size: int, force: bool, device):
-    """The window's count over all ranks: (host number or 0-d fp64 device tensor, work handles
-    to wait on). The count is all-reduced only when it can differ between ranks (num_items,
-    or a partial window closed with force=True); no host sync. ``window.signals`` ride in the
-    same all-reduce (one fp64 vector ``[count, signals...]``), and become global in place;
-    they cost one all-reduce of their own only for a full window of micro-batch means."""
-    counted = window.items_given or force
-    if not counted and window.signals is None:
-        return window.micro * world_size, []  # every rank closes a full window of micro-batch means
+    """The window's count over all ranks: (0-d fp64 device tensor, work handles to wait on).
+
+    Always all-reduced, whatever ``force`` is: ranks may close a window differently (one a
+    full window with ``step()``, another a short one with ``step(force=True)``, as uneven data
+    gives), and the decision to communicate must depend only on what every rank shares; every
+    rank then divides by the same global count. No host sync. ``window.signals`` ride in the
+    same all-reduce (one fp64 vector ``[count, signals...]``) and become global in place."""
+    del force  # rank-local: it must not decide a collective, nor the count
     host = window.items_host if window.items_given else window.micro
     count = torch.full((1,), host, dtype=torch.float64, device=device)
     if window.items_given and window.items_dev is not None:
@@ -96,8 +77,7 @@ def global_normalizer(window: Window, group, world_size: int, force: bool, devic
         count = torch.cat([count, window.signals])
         window.signals = count[1:]  # a view: global once the all-reduce is waited on
     works = all_reduce_async([count], group)
-    # A full window of means keeps its host count: the gradient's multiplier stays as it was.
-    return (count[0] if counted else window.micro * world_size), works
+    return count[0], works
 
 
 def wait(works) -> None:
@@ -158,13 +138,15 @@ class Engine:
         not when bf16/fp16 gradients move out of ``param.grad`` after each backward (a
         reduction skipped then could not be caught up)."""
         no_sync = getattr(model, "no_sync", None)
-        if sync or not callable(no_sync) or lowp:
-            yield
-            window.unsynced = False
-            return
-        with no_sync():
-            yield
-        window.unsynced = True
+        unsynced = not (sync or not callable(no_sync) or lowp)
+        # The window records the mode when the micro-batch's backward has run (Window.add_micro_batch):
+        # an exception after acc.backward cannot lose it, one before it changes nothing.
+        window.context_unsynced = unsynced
+        try:
+            with no_sync() if unsynced else contextlib.nullcontext():
+                yield
+        finally:
+            window.context_unsynced = None
 
     def reduce(self, accums, window: Window, force: bool, device):
         raise NotImplementedError

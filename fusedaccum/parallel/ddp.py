@@ -104,7 +104,7 @@ class DDP(Engine):
         items = denom if window.items_given else None
         if not window.unsynced:
             # DDP averaged the sums over the ranks: multiply by world_size / global count.
-            denom = denom / self.world_size if isinstance(denom, torch.Tensor) else window.micro
+            denom = denom / self.world_size
         return denom, items
 
     def __repr__(self) -> str:

@@ -233,16 +233,17 @@ class FSDP2(Engine):
 
 
 class _Flag:
-    """A context that records, on exit, whether the micro-batch ran without a gradient sync."""
+    """A context that tells the window whether the micro-batch runs without a gradient sync."""
 
     def __init__(self, window: Window, unsynced: bool):
         self.window, self.unsynced = window, unsynced
 
     def __enter__(self):
+        self.window.context_unsynced = self.unsynced  # recorded by the micro-batch's backward
         return None
 
     def __exit__(self, *exc):
-        self.window.unsynced = self.unsynced
+        self.window.context_unsynced = None
         return False
 
 
