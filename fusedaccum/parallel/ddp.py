@@ -4,10 +4,13 @@
 all-reduces (mean) the window's sums once, during the last backward; the buckets then hold
 DDP's mean and the multiplier becomes ``world_size / global count``. The accumulator
 communicates only the count vector: the count (which can differ between ranks with
-``num_items``, or in a partial window closed by ``step(force=True)``) and the window's loss
-and statistics. Such a partial window ran its last micro-batch under
+``num_items``, or when ranks close windows of different lengths) and the window's loss
+and statistics. A partial window closed by ``step(force=True)`` ran its last micro-batch under
 ``no_sync()`` (``accumulate`` cannot know it was the last): nobody reduced it, so ``step``
-all-reduces its buckets over DDP's group then, as the process-group engine would.
+all-reduces its buckets over DDP's group then, as the process-group engine would. Every rank
+must close such a window alike (docs/data-parallel.md, "Closing a short window under DDP"):
+one rank's synchronising backward against another's unreduced step is a collective mismatch
+inside DDP, before the accumulator is asked anything.
 """
 
 import weakref

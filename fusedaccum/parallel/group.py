@@ -3,9 +3,10 @@
 At ``step``, right before the fused unscale/norm/clip pass: one ``all_reduce(SUM)`` per fp32
 accumulation bucket, plus one of the window's count vector (fp64 on the device: the item
 count, and the window's loss and noise-scale sums, ``base.global_normalizer``); all
-launched at once (``async_op=True``), the count first, then waited on. The normalizer becomes global (``world_size * micro_batches``, or the
-all-reduced count), so the norm, the clip and ``found_inf`` are those of the global gradient
-on every rank: all ranks skip or step together with no collective for the decision.
+launched at once (``async_op=True``), the count first, then waited on. The normalizer is the
+all-reduced count on every window (ranks may close windows of different lengths at one step),
+so the norm, the clip and ``found_inf`` are those of the global gradient on every rank: all
+ranks skip or step together with no collective for the decision.
 Nothing is communicated during the micro-batches.
 """
 
