@@ -205,8 +205,15 @@ def scenario_ws_ddp_exception(rank, world, original):
     return rec
 
 
+def scenario_mix_ddp_sync_mismatch(rank, world, original):
+    """Not supported (docs/data-parallel.md): rank 0's last micro-batch synchronises inside DDP,
+    rank 1 closes a short window under no_sync() with step(force=True) alone."""
+    return _uneven(rank, "ddp", sync_short=False)
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_ws_")}
 td.SCENARIOS.update(SCENARIOS)
+td.SCENARIOS["mix_ddp_sync_mismatch"] = scenario_mix_ddp_sync_mismatch
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +267,35 @@ def test_ddp_exception_after_backward_then_force(runs):
     """An exception after acc.backward inside accumulate() (no_sync), caught, then
     step(force=True): the window's sums are still unreduced, so the step all-reduces them."""
     assert_matches_reference(runs["ws_ddp_exception"], EXC)
+
+
+def test_ddp_sync_mismatch_fails_loudly_and_does_not_hang(tmp_path):
+    """The unsupported DDP mix (one rank synchronising inside DDP's backward, the other closing
+    an unreduced short window) cannot be detected by the accumulator before DDP's collective;
+    it must at least not finish as if nothing happened, nor hang: gloo aborts a rank (measured:
+    "collective mismatch", exit -6), or the 30 s collective timeout raises on both."""
+    import subprocess
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    env = dict(__import__("os").environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, __file__, str(rank), "2", str(tmp_path / "rdzv"), str(tmp_path),
+                               "mix_ddp_sync_mismatch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    try:
+        logs = [p.communicate(timeout=100)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    recorded = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) if (tmp_path / f"rank{r}.pt").exists()
+                else {} for r in range(2)]
+    finished = [p.returncode == 0 and "error" not in rec.get("mix_ddp_sync_mismatch", {"error": ""})
+                for p, rec in zip(procs, recorded)]
+    assert not all(finished), logs
 
 
 # ---------------------------------------------------------------- one process
