@@ -33,6 +33,7 @@ def save_state(acc) -> dict:
         "buckets": [b.accum.clone() for b in acc.buckets] if mid_window else None,
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "signals": acc._signals.state_dict(mid_window, acc.device),
+        "used_params": acc._usage.state_dict() if mid_window else None,  # which got a gradient so far
     }
 
 
@@ -92,6 +93,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     if state_dict["items_given"] not in (None, True, False):
         raise ValueError(f"items_given={state_dict['items_given']!r} in the state dict; expected a bool or None")
     check_host_items(state_dict["items_host"])
+    acc._usage.check_state(state_dict.get("used_params"))
     saved_k = state_dict.get("accumulation_steps", acc.accumulation_steps)
     if micro > 0 and saved_k != k:
         warnings.warn(f"the state dict was saved with accumulation_steps={saved_k} and holds {micro} micro-batch(es); "
@@ -110,6 +112,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                     b.landing.zero_()
     if signals is not None:
         acc._signals.load_state_dict(signals, acc.device)
+    acc._usage.load_state_dict(state_dict.get("used_params") if micro > 0 else None)
     acc._k = int(k)
     acc._win = Window(micro=int(micro), items_given=state_dict["items_given"] if micro > 0 else None,
                       items_host=state_dict["items_host"],
