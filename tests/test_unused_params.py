@@ -378,7 +378,10 @@ def worker(rank, world, rdzv, out_dir, names):
 
 
 def test_unused_across_ranks_group_and_ddp(tmp_path):
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
+    # The workers import the fusedaccum next to this file, whatever the environment installed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     names = "group,ddp,plain_ddp"
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp_path / "rdzv"), str(tmp_path),
                                names], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
