@@ -276,7 +276,7 @@ class GradAccumulator:
 
         self._guard.sync()
         self._parts = 0 if end_micro_batch else self._parts + 1
-        win.micro += end_micro_batch
+        win.micro += 1 if end_micro_batch else 0
         win.items_given = num_items is not None
         win.items_host += host_items
         if dev_items is not None:
