@@ -33,6 +33,7 @@ def save_state(acc) -> dict:
         "param_shapes": _param_shapes(acc),
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "signals": {"sums": sums, "noise": acc._signals.state_dict()},
+        "used_params": acc._usage.state_dict() if win.micro > 0 else None,  # which got a gradient so far
     }
 
 
@@ -78,6 +79,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     if (state_dict["scaler"] is None) != (acc.scaler is None):
         raise ValueError("the state dict was saved " + ("with" if acc.scaler is None else "without") +
                          " a scaler but this GradAccumulator has " + ("none" if acc.scaler is None else "one"))
+    acc._usage.check_state(state_dict.get("used_params"))
     saved_k = state_dict.get("accumulation_steps", acc.accumulation_steps)
     if micro > 0 and saved_k != k:
         warnings.warn(f"the state dict was saved with accumulation_steps={saved_k} and holds {micro} micro-batch(es); "
@@ -95,6 +97,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                 if b.landing is not None:
                     b.landing.zero_()
     acc._signals.load_state_dict(None if signals is None else signals["noise"], micro > 0, acc.device)
+    acc._usage.load_state_dict(state_dict.get("used_params") if micro > 0 else None)
     acc._k = int(k)
     acc._win = Window.from_state(window, acc.device)
 

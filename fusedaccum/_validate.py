@@ -11,7 +11,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .ops import _norm_order
 from .scaler import LossScaler
 
-__all__ = ["BatchNormWatch", "check_args", "check_host_items", "check_items"]
+__all__ = ["BatchNormWatch", "check_args", "check_host_items", "check_items", "check_loss",
+           "check_no_open_part"]
 
 
 def check_args(accumulation_steps, max_norm, norm_type, scaler):
@@ -45,6 +46,32 @@ def check_params(params):
     return module, params
 
 
+def check_loss(loss, end_micro_batch: bool, noise: bool) -> None:
+    """``acc.backward``'s loss (and, with ``end_micro_batch=False``, that the signals allow it)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}; "
+                         "reduce it with .mean() or .sum()")
+    if not loss.requires_grad:
+        raise ValueError("loss does not require grad: was it computed under torch.no_grad(), "
+                         "or from parameters with requires_grad=False?")
+    if not end_micro_batch and noise:
+        # A micro-batch's small-batch norm is taken after its backward: with parts, of a part only.
+        raise ValueError("backward(..., end_micro_batch=False) with noise_scale on: the noise statistics need "
+                         "one backward per micro-batch (a micro-batch's gradient norm is taken right after its "
+                         "backward). Sum the micro-batch's losses into one backward, or build the "
+                         "GradAccumulator without noise_scale")
+
+
+def check_no_open_part(parts: int, where: str) -> None:
+    if parts:
+        raise RuntimeError(
+            f"{where} inside a micro-batch: its last acc.backward (of {parts}) passed end_micro_batch=False, so the "
+            "micro-batch is not finished. Finish it with a backward that ends it (end_micro_batch=True, the "
+            "default) first, or acc.discard_window() to drop the window")
+
+
 def check_host_items(n):
     if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n) or n < 0:
         raise ValueError(f"num_items must be a number >= 0 or a one-element tensor, got {n!r}")
@@ -54,11 +81,14 @@ def check_host_items(n):
 def check_items(num_items, window, device):
     """Validate num_items for the window's next micro-batch; return (host_part, device_part)."""
     given = num_items is not None
-    if window.micro > 0 and given != window.items_given:
+    # items_given is set by the window's first backward: with several backwards per micro-batch
+    # (end_micro_batch=False) it is set before micro counts one.
+    if (window.micro > 0 or window.items_given is not None) and given != window.items_given:
         had = "with" if window.items_given else "without"
         raise ValueError(
-            f"num_items must be given on every micro-batch of a window or on none: micro-batches 1.."
-            f"{window.micro} of this window came {had} num_items, micro-batch {window.micro + 1} "
+            f"num_items must be given on every micro-batch of a window or on none (on each of its backwards): "
+            f"the backwards before this one "
+            f"({window.micro} finished micro-batch(es)) came {had} num_items, this one "
             f"{'with' if given else 'without'}")
     if not given:
         return 0, None

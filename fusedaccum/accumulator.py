@@ -37,10 +37,11 @@ import warnings
 import torch
 
 from . import _checkpoint, _optim, _validate
+from ._usage import ParamUsage
 from . import signals as _signals
 from .buckets import GradBuckets
 from .guards import WindowGuard
-from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, accumulate_, sq_slots
+from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, sq_slots
 from .parallel import Window, engine_for
 from .scaler import LossScaler
 from .step_result import StepResult
@@ -136,6 +137,7 @@ class GradAccumulator:
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
         self._wrapper_syncs = False  # the current micro-batch's backward runs a wrapper's reduction
+        self._usage = ParamUsage(self.buckets, module, params)
         self._reset_window()
         # fp32 buckets are where param.grad accumulate: an in-place change to them is a change of the sum.
         self._guard = WindowGuard(self, self.buckets, [b.accum for b in self.buckets if b.landing is None])
@@ -145,6 +147,7 @@ class GradAccumulator:
     def _reset_window(self) -> None:
         self._win = Window()
         self._processed = None  # (stats, items, signals) once step() closed the window and the optimizer has not run
+        self._parts = 0  # backwards of the open micro-batch so far (end_micro_batch=False)
         self._signals.reset()
 
     def window_open(self) -> bool:
@@ -229,7 +232,8 @@ class GradAccumulator:
         finally:
             self._wrapper_syncs = False
 
-    def backward(self, loss: torch.Tensor, num_items=None) -> None:
+    def backward(self, loss: torch.Tensor, num_items=None, *, retain_graph: "bool | None" = None,
+                 end_micro_batch: bool = True) -> None:
         """Backward of one micro-batch's ``loss``, folded into the window's buckets.
 
         Without ``num_items``, ``loss`` is the micro-batch's mean and the window is divided by
@@ -237,15 +241,13 @@ class GradAccumulator:
         micro-batch of the window; an int or a one-element device tensor, summed on the
         device), ``loss`` is a SUM over that many items and the window is divided by its
         total items. The loss is multiplied by the scaler's scale when a scaler is set.
+
+        Several backwards in one micro-batch (separate graphs, or ``retain_graph=True``, passed
+        to autograd): ``end_micro_batch=False`` on all but the last; they count as one micro-batch
+        and their losses and ``num_items`` add up (docs/guide.md, "Several backwards in one micro-batch").
         """
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}; "
-                             "reduce it with .mean() or .sum()")
-        if not loss.requires_grad:
-            raise ValueError("loss does not require grad: was it computed under torch.no_grad(), "
-                             "or from parameters with requires_grad=False?")
+        _validate.check_loss(loss, end_micro_batch, self._signals.tracker is not None)
+        self._usage.check_thawed()
         if self._processed is not None:
             raise RuntimeError("step() processed this window's gradient but optimizer.step() raised: call "
                                "step(optimizer) again to finish the window before the next backward")
@@ -256,42 +258,30 @@ class GradAccumulator:
         host_items, dev_items = _validate.check_items(num_items, win, self.device)
         self._guard.check("acc.backward()")
 
-        first = win.micro == 0
+        first = win.micro == 0 and not self._parts  # the window's first backward
         if first:
             if self._module is not None:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
             self._engine.start_window(self.buckets)
-            self._start_window()
+            self.buckets.start_window()
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
         self.buckets.attach()
         scaled = self.scaler.scale(loss) if self._scale_active() else loss
-        scaled.reshape(()).backward()
+        scaled.reshape(()).backward(retain_graph=retain_graph)
         # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
         weight = self._signals.weight(first, self._samples_first, host_items, dev_items, num_items is not None)
-        for i, b in enumerate(self._lowp):
-            # One pass: accum (+)= landing, landing = 0 for the next backward. On the first
-            # micro-batch accum is overwritten, not read: that is the window's reset.
-            sq = {} if weight is None else dict(sq_out=self._signals.sq[i], sq_weight=weight)
-            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first, **sq)
+        self.buckets.fold_landing(first, self._signals.sq, weight)  # bf16/fp16: into the fp32 sums
         self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._guard.sync()
-        win.add_micro_batch(num_items is not None, host_items, dev_items)
+        self._parts = 0 if end_micro_batch else self._parts + 1
+        win.add_micro_batch(num_items is not None, host_items, dev_items, end_micro_batch)
 
     def _samples_first(self) -> bool:
         """Whether the fp32 buckets after this window's first backward hold a small batch:
         not the window itself (K > 1, or data parallel), not already reduced by a wrapper."""
         return not self._wrapper_syncs and (self._k > 1 or self._engine.communicates)
-
-    @torch.no_grad()
-    def _start_window(self) -> None:
-        # The processed gradient of the last step lives in param.grad until now.
-        for b in self.buckets:
-            if b.landing is None:
-                b.accum.zero_()  # autograd accumulates into it in place
-            else:
-                b.landing.zero_()  # accum is reset lazily by overwrite=True
 
     # ------------------------------------------------------------------ step
     def _inv_scale(self, denom):
@@ -331,6 +321,7 @@ class GradAccumulator:
         fused pass, launched asynchronously and waited on. A collective: call it on every rank.
         """
         self._guard.check("acc.step()")
+        _validate.check_no_open_part(self._parts, "step()")
         if self._processed is None:
             if self._win.micro == 0:
                 if force:
@@ -371,8 +362,10 @@ class GradAccumulator:
         win = self._win
         # Only what has to travel is packed: one process without statistics needs the loss alone.
         lean = self._signals.tracker is None and not self._engine.communicates
-        win.signals = None if lean else torch.cat([win.sums(self._signals.local_sums(self.device)),
-                                                   torch.full((1,), win.micro, dtype=torch.float64, device=self.device)])
+        win.signals = None if lean else torch.cat([
+            win.sums(self._signals.local_sums(self.device)),
+            torch.full((1,), win.micro, dtype=torch.float64, device=self.device),
+            *self._usage.local_mask(self.device, self._engine.communicates)])  # [5:]: who used which parameter
         denom, items = self._engine.reduce(self._accums, win, force, self.device)
         if isinstance(denom, numbers.Real) and denom == 0:
             warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
@@ -390,6 +383,7 @@ class GradAccumulator:
         micro = win.micro if lean else win.signals[4]
         count = items if win.items_given else micro  # items (or micro-batches) over all ranks
         loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))
+        self._usage.drop_unused(win.signals[5:] if self._engine.communicates else None)
         return stats, items, (loss, noise, None if noise is None else count / micro)
 
     # ------------------------------------------------------------------ checkpoints
@@ -400,6 +394,7 @@ class GradAccumulator:
         continues bit-identically. Reads the scaler's scale on the host (one sync).
         Data parallel: mid-window the sums are this rank's own (not yet all-reduced), so
         every rank saves and loads its own state dict."""
+        _validate.check_no_open_part(self._parts, "state_dict()")
         return _checkpoint.save_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:

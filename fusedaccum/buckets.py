@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._dtensor import dtensor_type
-from .ops import GRAD_DTYPES, _dense_layout
+from .ops import GRAD_DTYPES, _dense_layout, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
 # Which backward is running (torch's register_multi_grad_hook uses it too). A torch without it
@@ -31,13 +31,28 @@ class _Reattach:
         # Every autograd accumulation into a parameter, counted: the accumulator compares it with
         # the count its own backwards made to catch a backward that bypassed it (fusedaccum.guards).
         self.accumulations = 0
+        # Which parameters (by index into pairs) autograd accumulated into since reset_used():
+        # a parameter with none in a window gets no gradient at the step, as in a large batch.
+        self.used = [False] * len(pairs)
+        # DTensor (FSDP2) parameters get their gradient from FSDP2, not from autograd: they count
+        # as used unless a watched stand-in (their unsharded parameter) tells.
+        self.untracked: set = set()
 
     def count(self, _tensor) -> None:
         self.accumulations += 1
 
-    def hook(self, view: torch.Tensor):
+    def count_for(self, i: int):
+        """A watch hook that also marks parameter ``i`` used (its stand-in got a gradient)."""
+        def count(_tensor) -> None:
+            self.accumulations += 1
+            self.used[i] = True
+
+        return count
+
+    def hook(self, i: int, view: torch.Tensor):
         def reattach(p: torch.Tensor) -> None:
             self.accumulations += 1
+            self.used[i] = True
             if p.grad is view:
                 return
             # p.grad was set to None (zero_grad) or replaced: what it holds now is the whole
@@ -188,8 +203,10 @@ class GradBuckets:
         # The hooks live on the parameters: they must not hold self, or a GradBuckets dropped
         # without release() would never be collected and would keep its parameters owned.
         reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
+        reattach.untracked.update(i for i, (p, _) in enumerate(reattach.pairs) if _local(p, dtensor) is not p)
         self._reattach = reattach
-        self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(view)) for p, view in reattach.pairs]
+        self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(i, view))
+                       for i, (p, view) in enumerate(reattach.pairs)]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
         self._watched: set = set()
         self.attach()
@@ -200,6 +217,26 @@ class GradBuckets:
             for p, view in zip(b.params, b.views):
                 if p.grad is not view:
                     p.grad = view
+
+    @torch.no_grad()
+    def start_window(self) -> None:
+        """A window's first backward is about to run: the processed gradient of the last step
+        (in param.grad until now) makes way, and no parameter is used yet."""
+        for b in self.buckets:
+            if b.landing is None:
+                b.accum.zero_()  # autograd accumulates into it in place
+            else:
+                b.landing.zero_()  # accum is reset lazily by fold_landing(first=True)
+        self.reset_used()
+
+    def fold_landing(self, first: bool, sq_out: list, sq_weight=None) -> None:
+        """bf16/fp16 buckets, after a backward: ``accum (+)= landing``, ``landing = 0`` for the
+        next backward, in one pass per bucket. ``first`` (the window's first backward): accum is
+        overwritten, not read, which is the window's reset. With ``sq_weight``, each landing's
+        weighted Σg² goes into ``sq_out[i]`` (the i-th low-precision bucket's slots)."""
+        for i, b in enumerate(b for b in self.buckets if b.landing is not None):
+            sq = {} if sq_weight is None else dict(sq_out=sq_out[i], sq_weight=sq_weight)
+            accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first, **sq)
 
     @torch.no_grad()
     def zero_(self) -> None:
@@ -227,11 +264,29 @@ class GradBuckets:
 
     def watch(self, tensors) -> None:
         """Count autograd accumulations into ``tensors`` too: parameters that stand in for the
-        managed ones in the backward (FSDP2's unsharded parameters), for the guards."""
+        managed ones in the backward (FSDP2's unsharded parameters), for the guards. An item
+        may be a pair ``(stand_in, param)``: an accumulation into the stand-in then also marks
+        ``param`` used (``used``)."""
+        index = {id(p): i for i, (p, _) in enumerate(self._reattach.pairs)}
         for t in tensors:
+            t, p = t if isinstance(t, tuple) else (t, None)
             if id(t) not in self._watched:
                 self._watched.add(id(t))
-                self._hooks.append(t.register_post_accumulate_grad_hook(self._reattach.count))
+                i = None if p is None else index.get(id(p))
+                self._reattach.untracked.discard(i)
+                hook = self._reattach.count if i is None else self._reattach.count_for(i)
+                self._hooks.append(t.register_post_accumulate_grad_hook(hook))
+
+    @property
+    def used(self) -> list:
+        """Per parameter (in ``params`` order), whether autograd accumulated a gradient into it
+        (or into a watched stand-in) since ``reset_used()``: host bools, set by the hooks. A
+        DTensor parameter without a watched stand-in always reads True (nothing can tell)."""
+        r = self._reattach
+        return [u or i in r.untracked for i, u in enumerate(r.used)]
+
+    def reset_used(self) -> None:
+        self._reattach.used[:] = [False] * len(self._reattach.used)
 
     @property
     def accumulations(self) -> int:

@@ -478,10 +478,11 @@ def test_token_weighted_two_ranks_equal_one_process(runs):
 def test_collectives_one_all_reduce_per_bucket_per_step(runs):
     """Own reduction: no collective during any micro-batch; at each step one all_reduce per
     bucket (fp32, the bucket's size), plus one of the fp64 count vector (the item count and
-    the window's signals: [count, loss, noise-scale sums (3), micro-batches]). Under DDP: only
+    the window's signals: [count, loss, noise-scale sums (3), micro-batches], then one "used"
+    flag per parameter (4): fusedaccum/_usage.py). Under DDP: only
     that vector; DDP's own all-reduce only on the last micro-batch of a window."""
     bucket = (NUMEL, "float32")
-    count = (6, "float64")
+    count = (6 + 4, "float64")
     for rank, rec in enumerate(ok(runs["mean_clip"])):
         assert rec["micro_calls"] == [0] * (8 - rank)  # the partial window: 2 micro-batches, 1
         assert rec["step_calls"] == [[count, bucket]] * 3
@@ -546,7 +547,8 @@ def test_ddp_not_shown_is_still_right(runs):
     records = ok(runs["ddp_unshown"])
     ref, norms = reference(ITEMS_PLAN, per_item=True, max_norm=MAX_NORM)
     assert_matches(records, ref, norms)
-    assert records[0]["step_calls"] == [[(6, "float64"), (NUMEL, "float32")]] * 2  # count + signals, bucket
+    # count + signals + a used flag per parameter, bucket
+    assert records[0]["step_calls"] == [[(6 + 4, "float64"), (NUMEL, "float32")]] * 2
 
 
 def test_refused_ddp_cases_raise_clearly(runs):

@@ -651,7 +651,7 @@ def test_collectives_per_window(two, four, world):
     the noise statistics: docs/signals.md), which the window's global loss needs at every step."""
     runs = two if world == 2 else four
     gather = ("all_gather_single", "all_gather_into_tensor")
-    count = ("all_reduce", 6, "float64")
+    count = ("all_reduce", 6 + 6, "float64")  # and a "used" flag per parameter (6)
     for name in ("mean_micro", "items_window") + (("mean_window", "items_micro") if world == 2 else ()):
         plan = items_plan(world) if name.startswith("items") else mean_plan(world)
         for rank, rec in enumerate(ok(runs[name])):

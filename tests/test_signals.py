@@ -634,8 +634,8 @@ def test_data_parallel_statistics_equal_one_process_on_all_data(dp_runs, name):
     """Two gloo ranks (uneven items within and across ranks; a forced partial window of 2 and
     1 micro-batches; DDP; a loss scale): every rank reports the same bits, and the window's
     loss (1e-6), S and G² (1e-4 relative, 1e-3 for bf16 gradients) are those of one process
-    over both ranks' micro-batches. The signals ride in the count vector: one 6-element fp64
-    all-reduce per step."""
+    over both ranks' micro-batches. The signals ride in the count vector: one fp64 all-reduce
+    per step of 6 elements and one "used" flag per parameter (4)."""
     r0, r1 = dp_runs[name]
     kind = "bf16" if "bf16" in name else "fp32"
     per_item = "items" in name
@@ -647,7 +647,7 @@ def test_data_parallel_statistics_equal_one_process_on_all_data(dp_runs, name):
         assert float(stats[1]) == pytest.approx(s, rel=rtol), w
         assert float(stats[2]) == pytest.approx(g2, rel=rtol, abs=rtol * abs(s) / 10), w
     for calls in r0["calls"]:
-        assert calls.count((6, "float64")) == 1
+        assert calls.count((6 + 4, "float64")) == 1
 
 
 def test_data_parallel_adaptive_k_is_the_same_on_every_rank(dp_runs):

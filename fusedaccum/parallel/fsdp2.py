@@ -186,7 +186,7 @@ class FSDP2(Engine):
         # Autograd accumulates into FSDP2's unsharded parameters (created at the first forward and
         # kept), not into the sharded ones the buckets hook: count those too, so that a backward
         # outside acc.backward is seen in both window modes (fusedaccum.guards).
-        buckets.watch(fp._unsharded_param for g in self._groups for fp in g.fsdp_params
+        buckets.watch((fp._unsharded_param, fp.sharded_param) for g in self._groups for fp in g.fsdp_params
                       if hasattr(fp, "_unsharded_param"))
 
     def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):

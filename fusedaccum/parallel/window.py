@@ -46,9 +46,10 @@ class Window:
             return None
         return self.items_host if self.items_dev is None else self.items_dev + self.items_host
 
-    def add_micro_batch(self, given: bool, host_items, dev_items) -> None:
-        """A micro-batch's backward has run and its gradient is in the buckets."""
-        self.micro += 1
+    def add_micro_batch(self, given: bool, host_items, dev_items, ends: bool = True) -> None:
+        """A micro-batch's backward has run and its gradient is in the buckets (``ends``: the
+        micro-batch's last backward; its earlier parts add their items but count no micro-batch)."""
+        self.micro += 1 if ends else 0
         self.items_given = given
         self.items_host += host_items
         if dev_items is not None:
