@@ -401,7 +401,7 @@ class GradAccumulator:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore ``state_dict()``'s window and scaler; every check runs before anything changes."""
         _checkpoint.load_state(self, state_dict, _validate.check_host_items)
-        self._guard.sync()
+        self._guard.sync(saved=True)
 
     def release(self) -> None:
         """Give the parameters up (``GradBuckets.release``), e.g. before building another

@@ -97,14 +97,21 @@ class WindowGuard:
         self._managed = OptimizerMemo()  # optimizer -> whether it steps managed params
         self._failed = None  # what the last acc.backward raised after reaching the buckets
         self._released = False
+        self._saved = False  # the open window is in a state dict (saved, or loaded from one)
         _enlist(self)
 
     # ------------------------------------------------------------------ bookkeeping by the accumulator
-    def sync(self) -> None:
-        """The accumulator has just written the buckets itself: this is the state to expect."""
+    def sync(self, saved: bool = False) -> None:
+        """The accumulator has just written the buckets itself: this is the state to expect.
+        ``saved``: the window is also in a state dict (loaded from one)."""
         self._seen_accumulations = self._buckets.accumulations
         self._versions = [t._version for t in self._sums]
         self._failed = None
+        self._saved = saved
+
+    def saved(self) -> None:
+        """``state_dict()`` took the window: left open, it is not lost, so no warning."""
+        self._saved = True
 
     def check_released(self, where: str) -> None:
         if self._released:
@@ -168,7 +175,7 @@ class WindowGuard:
             self._stepping = False
 
     def warn_if_open(self, acc, how: str, stacklevel: int) -> None:
-        if acc.window_open():
+        if acc.window_open() and not self._saved:
             warnings.warn(
                 f"a GradAccumulator {how} with {acc.micro_batches} micro-batch(es) in a window that no optimizer "
                 "step used: they are lost. Close a partial last window with acc.step(optimizer, force=True), "

@@ -187,21 +187,26 @@ def test_guards_cost_no_tensor_op():
     assert counter.ops == []
 
 
-def test_dropped_or_released_accumulators_leave_no_optimizer_hook():
+def test_accumulators_share_one_optimizer_hook_and_released_or_dropped_ones_leave_it():
     from torch.optim import optimizer as optim_module
+
+    from fusedaccum import guards
     hooks = optim_module._global_optimizer_pre_hooks
     gc.collect()  # accumulators of earlier tests
+    live = len(guards._live)
+    acc = GradAccumulator(make(), K)
     n = len(hooks)
-    model = make()
-    acc = GradAccumulator(model, K)
-    assert len(hooks) == n + 1
-    acc.release()
-    assert len(hooks) == n
-    acc2 = GradAccumulator(model, K)
+    assert list(hooks.values()).count(guards._before_any_step) == 1
+    acc2 = GradAccumulator(make(seed=1), K)
+    assert len(hooks) == n  # no hook per accumulator
+    assert len(guards._live) == live + 2
     del acc2
     gc.collect()
-    assert len(hooks) == n
-    del acc
+    assert len(guards._live) == live + 1
+    acc.release()
+    assert len(guards._live) == live
+    if live == 0:  # the last one released takes the hook with it
+        assert guards._hook is None and guards._before_any_step not in hooks.values()
 
 
 # ---------------------------------------------------------------- checkpoints
