@@ -1,11 +1,15 @@
 """``GradAccumulator.state_dict`` / ``load_state_dict``: the partial window and the scaler."""
 
+import dataclasses
+import math
 import numbers
 import warnings
 
 import torch
 
 from .parallel import Window
+from .scaler import window_scale
+from .signals import StepsChange
 
 __all__ = ["load_state", "save_state"]
 
@@ -25,6 +29,7 @@ def save_state(acc) -> dict:
     # its signal sums keep their version-2 place.
     window = win.state_dict(lambda: acc._signals.local_sums(acc.device), [b.accum for b in acc.buckets])
     sums = window.pop("sums")
+    acc._guard.saved()  # a window left open after this is not lost: no OpenWindowWarning
     return {
         "version": _STATE_VERSION,
         "accumulation_steps": acc.accumulation_steps,
@@ -34,6 +39,9 @@ def save_state(acc) -> dict:
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "signals": {"sums": sums, "noise": acc._signals.state_dict()},
         "used_params": acc._usage.state_dict() if win.micro > 0 else None,  # which got a gradient so far
+        # The scale the window's sums carry: a scaler shared with another accumulator may have moved since.
+        "window_scale": float(acc._win_scale) if win.micro > 0 and acc._win_scale is not None else None,
+        "steps_changes": [dataclasses.asdict(c) for c in acc.accumulation_steps_changes],
     }
 
 
@@ -86,6 +94,14 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                       f"this GradAccumulator closes the window at {acc.accumulation_steps}: the window is normalized "
                       "by the micro-batches (or items) it really holds, so the step is exact, only the window is "
                       "longer or shorter", UserWarning, stacklevel=3)
+    elif saved_k != k:
+        warnings.warn(f"the state dict was saved with accumulation_steps={saved_k}; this GradAccumulator keeps its "
+                      f"own accumulation_steps={k} (set acc.accumulation_steps to change it)", UserWarning, stacklevel=3)
+    saved_scale = state_dict.get("window_scale")  # absent before it was saved
+    if saved_scale is not None and (isinstance(saved_scale, bool) or not isinstance(saved_scale, numbers.Real)
+                                    or not 0 < saved_scale < math.inf):
+        raise ValueError(f"window_scale={saved_scale!r} in the state dict; expected a finite number > 0 or None")
+    changes = _steps_changes(state_dict.get("steps_changes"))
 
     if acc.scaler is not None:
         acc.scaler.load_state_dict(state_dict["scaler"])  # validates before it changes anything
@@ -98,8 +114,23 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                     b.landing.zero_()
     acc._signals.load_state_dict(None if signals is None else signals["noise"], micro > 0, acc.device)
     acc._usage.load_state_dict(state_dict.get("used_params") if micro > 0 else None)
+    if changes is not None and tracker is not None:
+        tracker.changes = changes
+    if micro > 0:
+        acc._win_scale = window_scale(acc.scaler, acc.device)
+        if acc._win_scale is not None and saved_scale is not None:
+            acc._win_scale.fill_(saved_scale)
     acc._k = int(k)
     acc._win = Window.from_state(window, acc.device)
+
+
+def _steps_changes(saved) -> "list | None":
+    if saved is None:
+        return None
+    try:
+        return [StepsChange(**c) for c in saved]
+    except TypeError:
+        raise ValueError(f"steps_changes in the state dict must be a list of StepsChange fields, got {saved!r}") from None
 
 
 def _param_shapes(acc) -> list:

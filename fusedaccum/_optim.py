@@ -2,20 +2,57 @@
 documented host sync otherwise, and which optimizers it accepts."""
 
 import inspect
+import weakref
 
 import torch
 
-__all__ = ["check_optimizer", "optimizer_step"]
+__all__ = ["OptimizerMemo", "check_optimizer", "optimizer_step"]
 
 
-def check_optimizer(optimizer, param_ids: set, checked: dict) -> None:
+class OptimizerMemo:
+    """A value per optimizer and param-group layout, forgotten with the optimizer.
+
+    Keyed by weak reference, not ``id()``: a new optimizer that reuses a dead one's address
+    would inherit its entry (a direct ``opt.step()`` mid-window then slipped past the guard).
+    The layout is kept as the param lists themselves, compared by identity, for the same
+    reason: a new list can reuse a dead one's address. An optimizer that cannot be weakly
+    referenced (or hashed) is never memoised: it is checked every time."""
+
+    def __init__(self):
+        self._entries = weakref.WeakKeyDictionary()
+
+    def get(self, optimizer, default=None):
+        try:
+            entry = self._entries.get(optimizer)
+        except TypeError:
+            return default
+        if entry is None:
+            return default
+        layout, value = entry
+        groups = optimizer.param_groups
+        if len(layout) != len(groups) or any(lst is not g["params"] or n != len(lst)
+                                             for (lst, n), g in zip(layout, groups)):
+            return default
+        return value
+
+    def set(self, optimizer, value) -> None:
+        layout = tuple((g["params"], len(g["params"])) for g in optimizer.param_groups)
+        try:
+            self._entries[optimizer] = (layout, value)
+        except TypeError:
+            pass
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def check_optimizer(optimizer, param_ids: set, checked: OptimizerMemo) -> None:
     """Every trainable parameter the optimizer steps must be one of ``param_ids``
-    (memoised in ``checked`` per optimizer and param-group signature)."""
+    (memoised in ``checked`` per optimizer and param-group layout)."""
     if not callable(getattr(optimizer, "step", None)) or not hasattr(optimizer, "param_groups"):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     groups = optimizer.param_groups
-    signature = tuple((id(g["params"]), len(g["params"])) for g in groups)
-    if checked.get(id(optimizer)) == signature:
+    if checked.get(optimizer, False):
         return
     for gi, g in enumerate(groups):
         for pi, p in enumerate(g["params"]):
@@ -24,7 +61,7 @@ def check_optimizer(optimizer, param_ids: set, checked: dict) -> None:
                     f"optimizer.param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)}, {p.dtype}) "
                     "is not managed by this GradAccumulator: its gradient would be neither accumulated "
                     "nor normalized; build the GradAccumulator over the same parameters")
-    checked[id(optimizer)] = signature
+    checked.set(optimizer, True)
 
 
 def state_survives_device_skip(optimizer) -> bool:

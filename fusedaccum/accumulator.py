@@ -30,7 +30,6 @@ the norm and how the normalizer becomes global; it holds no engine-specific bran
 """
 
 import contextlib
-import math
 import numbers
 import warnings
 
@@ -43,7 +42,7 @@ from .buckets import GradBuckets
 from .guards import WindowGuard
 from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, sq_slots
 from .parallel import Window, engine_for
-from .scaler import LossScaler
+from .scaler import LossScaler, inv_scale, window_scale
 from .step_result import StepResult
 
 __all__ = ["GradAccumulator", "StepResult"]
@@ -133,7 +132,7 @@ class GradAccumulator:
         self._outs = None if all(b.landing is None for b in self.buckets) else [
             b.accum if b.landing is None else b.landing for b in self.buckets]
         self._lowp = [b for b in self.buckets if b.landing is not None]
-        self._optimizers_checked: dict = {}
+        self._optimizers_checked = _optim.OptimizerMemo()
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
         self._wrapper_syncs = False  # the current micro-batch's backward runs a wrapper's reduction
@@ -148,6 +147,7 @@ class GradAccumulator:
         self._win = Window()
         self._processed = None  # (stats, items, signals) once step() closed the window and the optimizer has not run
         self._parts = 0  # backwards of the open micro-batch so far (end_micro_batch=False)
+        self._win_scale = None  # the loss scale of the window's micro-batches (scaler.window_scale)
         self._signals.reset()
 
     def window_open(self) -> bool:
@@ -220,6 +220,7 @@ class GradAccumulator:
         it raises, before the forward and changing nothing, in the cases the class docstring
         lists, or when the accumulator has already reduced a window itself.
         """
+        self._guard.check_released("acc.accumulate()")
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
         last = self._win.micro + 1 >= self.accumulation_steps
@@ -264,11 +265,13 @@ class GradAccumulator:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
             self._engine.start_window(self.buckets)
             self.buckets.start_window()
+            self._win_scale = window_scale(self.scaler, self.device)  # kept: a shared scaler may change mid-window
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
         self.buckets.attach()
-        scaled = self.scaler.scale(loss) if self._scale_active() else loss
-        scaled.reshape(()).backward(retain_graph=retain_graph)
+        scaled = loss if self._win_scale is None else loss * self._win_scale.to(loss.device, non_blocking=True)
+        with self._guard.backward():  # raises if no managed parameter got a gradient: nothing counted yet
+            scaled.reshape(()).backward(retain_graph=retain_graph)
         # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
         weight = self._signals.weight(first, self._samples_first, host_items, dev_items, num_items is not None)
         self.buckets.fold_landing(first, self._signals.sq, weight)  # bf16/fp16: into the fp32 sums
@@ -284,16 +287,6 @@ class GradAccumulator:
         return not self._wrapper_syncs and (self._k > 1 or self._engine.communicates)
 
     # ------------------------------------------------------------------ step
-    def _inv_scale(self, denom):
-        """1 / (loss_scale * denom): a float, or a 0-d fp32 device tensor (no sync)."""
-        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
-        if scale is None and not isinstance(denom, torch.Tensor):
-            return 1.0 / denom if denom else math.inf  # 0 items: a non-finite step, skipped
-        if scale is not None:
-            denom = scale.double() * denom
-        # A window of <= 0 items (a negative device count): an inf inverse, skipped as on overflow.
-        return torch.where(denom > 0, denom, 0.0).reciprocal().float()
-
     def step(self, optimizer, *, force: bool = False) -> "StepResult | None":
         """Close the window when it holds ``accumulation_steps`` micro-batches (or, with
         ``force=True``, any number >= 1), else return None.
@@ -374,8 +367,8 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
-        scale = self.scaler.scale_tensor(self.device) if self._scale_active() else None
-        stats = _unscale_clip_stats(self._accums, self._inv_scale(denom), self.max_norm, self.norm_type, CLIP_EPS,
+        scale = self._win_scale
+        stats = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type, CLIP_EPS,
                                     out=self._outs, reduce_partials=self._engine.reduce_partials)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
         # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)
@@ -400,13 +393,18 @@ class GradAccumulator:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore ``state_dict()``'s window and scaler; every check runs before anything changes."""
         _checkpoint.load_state(self, state_dict, _validate.check_host_items)
-        self._guard.sync()
+        self._guard.sync(saved=True)
 
     def release(self) -> None:
         """Give the parameters up (``GradBuckets.release``), e.g. before building another
-        GradAccumulator over the same model."""
+        GradAccumulator over the same model. Warns if the window holds micro-batches no step
+        used (as does collecting an accumulator, or one alive at exit); later calls raise."""
         self._guard.release()
         self.buckets.release()
+
+    def __del__(self):  # micro-batches nobody stepped: warn (fusedaccum.guards.OpenWindowWarning)
+        if "_guard" in self.__dict__:
+            self._guard.dropped(self)
 
     def __repr__(self) -> str:
         return (f"GradAccumulator(accumulation_steps={self.accumulation_steps}, max_norm={self.max_norm}, "

@@ -211,3 +211,27 @@ def _check_config(init_scale, growth_factor, backoff_factor, growth_interval) ->
         raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
     if isinstance(growth_interval, bool) or not isinstance(growth_interval, numbers.Integral) or growth_interval < 1:
         raise ValueError(f"growth_interval must be an integer >= 1, got {growth_interval!r}")
+
+
+def window_scale(scaler: "LossScaler | None", device) -> "torch.Tensor | None":
+    """The loss scale of a window that starts now (None without active scaling): a copy of the
+    scaler's, which ``update`` changes in place.
+
+    Every micro-batch of the window is scaled with it and the step unscales with it. A scaler
+    shared by two accumulators (a GAN's generator and discriminator) changes when the other one
+    steps, possibly mid-way through this window; with the scale fixed at the window's first
+    micro-batch its sum stays one scale times the true sum. One device copy, no host sync."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler.scale_tensor(device).clone()
+
+
+def inv_scale(scale: "torch.Tensor | None", denom):
+    """1 / (scale * denom): a float, or a 0-d fp32 device tensor (no sync). ``scale``: the
+    window's (``window_scale``)."""
+    if scale is None and not isinstance(denom, torch.Tensor):
+        return 1.0 / denom if denom else math.inf  # 0 items: a non-finite step, skipped
+    if scale is not None:
+        denom = scale.double() * denom
+    # A window of <= 0 items (a negative device count): an inf inverse, skipped as on overflow.
+    return torch.where(denom > 0, denom, 0.0).reciprocal().float()

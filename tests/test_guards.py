@@ -86,6 +86,51 @@ def test_stray_backward_mid_window_then_discard_window_recovers(dtype):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
 
 
+def test_a_loss_that_reaches_no_managed_parameter_is_refused_before_it_counts():
+    ref_model, model, other = make(), make(), make(seed=1)
+    ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref_model, model))
+    ref_acc, acc = GradAccumulator(ref_model, K), GradAccumulator(model, K)
+    train(ref_model, ref_opt, ref_acc, range(K))
+    with pytest.raises(ValueError, match="reaches none of this GradAccumulator's parameters"):
+        acc.backward(loss_of(other, 0))  # was: a zero-gradient micro-batch, counted
+    assert acc.micro_batches == 0
+    acc.backward(loss_of(model, 0))
+    with pytest.raises(ValueError, match="Nothing was counted"):
+        acc.backward(loss_of(other, 1))
+    assert acc.micro_batches == 1
+    train(model, opt, acc, range(1, K))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+
+def test_a_backward_that_raised_half_way_is_named_and_discard_window_recovers():
+    ref_model, model = make(), make()
+    ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref_model, model))
+    ref_acc, acc = GradAccumulator(ref_model, K), GradAccumulator(model, K)
+    train(ref_model, ref_opt, ref_acc, range(K, 3 * K))
+
+    def boom(_grad):
+        raise RuntimeError("boom")
+
+    acc.backward(loss_of(model, 0))
+    x, _ = batch(1)
+    out = model(x)
+    out.register_hook(boom)  # raises before any parameter got its gradient: the window is intact
+    with pytest.raises(RuntimeError, match="boom"):
+        acc.backward(out.square().mean())
+    acc.backward(loss_of(model, 1))
+    assert acc.micro_batches == 2
+    handle = model[0].weight.register_hook(boom)  # raises after the last layer's gradients landed
+    with pytest.raises(RuntimeError, match="boom"):
+        acc.backward(loss_of(model, 2))
+    handle.remove()
+    with pytest.raises(RuntimeError, match=r"previous acc\.backward\(\) raised inside the backward "
+                                           r"\(RuntimeError: boom\).*discard_window\(\)"):
+        acc.backward(loss_of(model, 3))
+    acc.discard_window()
+    train(model, opt, acc, range(K, 3 * K))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref_model.parameters()))
+
+
 # ---------------------------------------------------------------- optimizer.step() inside a window
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -133,6 +178,7 @@ def test_zero_grad_keep_inside_a_window_is_caught_for_fp32():
     with pytest.raises(RuntimeError, match="modified in place"):
         acc.step(opt, force=True)
     assert same(before, snapshot(model, opt))
+    acc.discard_window()
 
 
 def test_zero_grad_keep_inside_a_window_is_harmless_for_bf16():
@@ -155,6 +201,19 @@ def test_zero_grad_keep_between_windows_is_allowed():
         acc.backward(loss_of(model, i))
         if acc.step(opt) is not None:
             opt.zero_grad(set_to_none=False)
+
+
+def test_clip_grad_norm_inside_a_window_names_clipping_and_max_norm():
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = GradAccumulator(model, K)
+    acc.backward(loss_of(model, 0))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the naive loop's clip, kept by habit
+    before = snapshot(model, opt)
+    with pytest.raises(RuntimeError, match=r"modified in place.*clip_grad_norm_.*max_norm="):
+        acc.step(opt, force=True)
+    assert same(before, snapshot(model, opt))
+    acc.discard_window()
 
 
 # ---------------------------------------------------------------- cost and life cycle
@@ -185,23 +244,29 @@ def test_guards_cost_no_tensor_op():
         with guard.stepping():
             pass
     assert counter.ops == []
+    acc.discard_window()
 
 
-def test_dropped_or_released_accumulators_leave_no_optimizer_hook():
+def test_accumulators_share_one_optimizer_hook_and_released_or_dropped_ones_leave_it():
     from torch.optim import optimizer as optim_module
+
+    from fusedaccum import guards
     hooks = optim_module._global_optimizer_pre_hooks
     gc.collect()  # accumulators of earlier tests
+    live = len(guards._live)
+    acc = GradAccumulator(make(), K)
     n = len(hooks)
-    model = make()
-    acc = GradAccumulator(model, K)
-    assert len(hooks) == n + 1
-    acc.release()
-    assert len(hooks) == n
-    acc2 = GradAccumulator(model, K)
+    assert list(hooks.values()).count(guards._before_any_step) == 1
+    acc2 = GradAccumulator(make(seed=1), K)
+    assert len(hooks) == n  # no hook per accumulator
+    assert len(guards._live) == live + 2
     del acc2
     gc.collect()
-    assert len(hooks) == n
-    del acc
+    assert len(guards._live) == live + 1
+    acc.release()
+    assert len(guards._live) == live
+    if live == 0:  # the last one released takes the hook with it
+        assert guards._hook is None and guards._before_any_step not in hooks.values()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -239,3 +304,33 @@ def test_load_state_dict_with_other_accumulation_steps_says_what_happens():
         acc2.release()
         acc4b = GradAccumulator(model, 4)
         acc4b.load_state_dict(state)  # same K: no warning
+
+
+def test_load_state_dict_between_windows_with_other_accumulation_steps_warns():
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc4 = GradAccumulator(model, 4)
+    train(model, opt, acc4, range(4))
+    state = acc4.state_dict()
+    acc4.release()
+    acc8 = GradAccumulator(model, 8)
+    with pytest.warns(UserWarning, match=r"accumulation_steps=4; .*keeps its own accumulation_steps=8"):
+        acc8.load_state_dict(state)  # was: silently ignored
+    assert acc8.accumulation_steps == 8
+
+
+def test_accumulation_steps_changes_survive_a_checkpoint():
+    from fusedaccum import AdaptiveSteps, NoiseScaleSettings
+    from fusedaccum.signals import StepsChange
+    settings = NoiseScaleSettings(adaptive=AdaptiveSteps())
+    model = make()
+    acc = GradAccumulator(model, K, noise_scale=settings)
+    history = [StepsChange(window=4, old=K, new=6, b_simple=17.5, items_per_micro_batch=3.0)]
+    acc._signals.tracker.changes.extend(history)  # as the policy records them
+    acc.backward(loss_of(model, 0))
+    state = acc.state_dict()
+    acc.release()
+    resumed = GradAccumulator(model, K, noise_scale=settings)
+    resumed.load_state_dict(state)
+    assert resumed.accumulation_steps_changes == history  # was: []
+    resumed.discard_window()

@@ -140,3 +140,86 @@ def test_bad_state_dict_changes_nothing():
     with pytest.raises(ValueError, match="backoff_factor"):
         ls.load_state_dict({**before, "backoff_factor": 2.0})
     assert ls.state_dict() == before
+
+
+# ---------------------------------------------------------------- one scaler, two accumulators (a GAN)
+
+GAN_K = 4
+
+
+def _gan_batch(i):
+    g = torch.Generator().manual_seed(7 + i)
+    return torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+
+
+def _b_loss(model, i):
+    x, y = _gan_batch(i)
+    return ((model(x) - y) ** 2).mean()
+
+
+def _gan_nets():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+
+def _reference_b():
+    """B alone, with a scaler nobody else moves: the scale its window was scaled with throughout."""
+    from fusedaccum import GradAccumulator
+    _, b = _gan_nets()
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    acc = GradAccumulator(b, GAN_K, max_norm=0.5, scaler=LossScaler(init_scale=2.0**10, growth_interval=1000))
+    for i in range(GAN_K):
+        acc.backward(_b_loss(b, i))
+    assert not acc.step(opt).found_inf
+    return b
+
+
+def _a_overflows(acc_a, a, opt_a, shared):
+    before = shared.get_scale()
+    acc_a.backward(a(torch.ones(2, 4)).sum() * float("inf"))
+    assert acc_a.step(opt_a).found_inf
+    assert shared.get_scale() == before / 2  # A backed the shared scale off
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["straight", "resumed-mid-window"])
+def test_shared_scaler_backed_off_by_one_accumulator_mid_way_through_the_others_window(resume):
+    from fusedaccum import GradAccumulator
+    ref = _reference_b()
+    a, b = _gan_nets()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    shared = LossScaler(init_scale=2.0**10, growth_interval=1000)
+    acc_a = GradAccumulator(a, 1, scaler=shared)
+    acc_b = GradAccumulator(b, GAN_K, max_norm=0.5, scaler=shared)
+    acc_b.backward(_b_loss(b, 0))
+    acc_b.backward(_b_loss(b, 1))
+    _a_overflows(acc_a, a, opt_a, shared)  # B's window: 2 micro-batches at 2^10, the scaler now at 2^9
+    if resume:
+        state = acc_b.state_dict()
+        acc_b.release()
+        shared2 = LossScaler()  # a fresh process: the scale comes from the checkpoint (2^9)
+        acc_b = GradAccumulator(b, GAN_K, max_norm=0.5, scaler=shared2)
+        acc_b.load_state_dict(state)
+        assert shared2.get_scale() == 2.0**9
+    acc_b.backward(_b_loss(b, 2))
+    acc_b.backward(_b_loss(b, 3))
+    result = acc_b.step(opt_b)
+    assert not result.found_inf
+    # Before, the window (summed at 2^10) was unscaled by 2^9: B's gradient twice too big.
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), ref.parameters()))
+
+
+def test_each_window_takes_the_scale_of_its_first_micro_batch():
+    from fusedaccum import GradAccumulator
+    a, b = _gan_nets()
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    shared = LossScaler(init_scale=2.0**10, growth_interval=1000)
+    acc_a, acc_b = GradAccumulator(a, 1, scaler=shared), GradAccumulator(b, 2, scaler=shared)
+    acc_b.backward(_b_loss(b, 0))
+    _a_overflows(acc_a, a, opt_a, shared)
+    acc_b.backward(_b_loss(b, 1))
+    assert acc_b._win_scale.item() == 2.0**10  # kept for the whole window
+    acc_b.step(opt_b)
+    acc_b.backward(_b_loss(b, 2))
+    assert acc_b._win_scale.item() == 2.0**9  # the next window starts at the scaler's scale
+    # The scaler's own tensor changes in place: the window's is a copy, not an alias.
+    assert acc_b._win_scale.data_ptr() != shared.scale_tensor().data_ptr()
