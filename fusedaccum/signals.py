@@ -336,7 +336,8 @@ class WindowSignals:
         """fp64 ``[Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n]`` of this rank's window."""
         parts = [self.loss.total(device)]
         if self.tracker is None:
-            return torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
+            sums = torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
+            return sums if self.carried is None else sums + self.carried
         sq = [s.sum(dtype=torch.float64) for s in self.sq] if self.sampled else []
         if self.fp32_sq is not None:
             sq.append(self.fp32_sq)
