@@ -200,18 +200,26 @@ def test_fp16_scaler_replaces_accelerates():
     fused.release()
 
 
-def test_ddp_two_cpu_processes(tmp_path):
-    """Accelerate on 2 CPU processes (torch.distributed.run, gloo; the model DDP-wrapped by prepare),
-    token-weighted losses, windows of 4, 4, 2 micro-batches per rank: both ranks end with the same
-    weights, equal to the large-batch run over both ranks' windows (Accelerate shards by batch: rank r
-    takes batches r, r+2, ...); each window is divided by the item count of both ranks."""
-    out = tmp_path / "ddp"
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """One launch of 2 processes: the uninterrupted run (saving mid-window on its way) and the run
+    resumed from that state; shared by the DDP tests."""
+    out = tmp_path_factory.mktemp("accelerate_ddp")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            os.path.join(HERE, "_accelerate_ddp_worker.py"), str(out)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return out, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_ddp_two_cpu_processes(ddp_runs):
+    """Accelerate on 2 CPU processes (torch.distributed.run, gloo; the model DDP-wrapped by prepare),
+    token-weighted losses, windows of 4, 4, 2 micro-batches per rank: both ranks end with the same
+    weights, equal to the large-batch run over both ranks' windows (Accelerate shards by batch: rank r
+    takes batches r, r+2, ...); each window is divided by the item count of both ranks."""
+    _, ranks = ddp_runs
+    ranks = [r["whole"] for r in ranks]
     for name in ranks[0]["weights"]:
         assert same_bits(ranks[0]["weights"][name], ranks[1]["weights"][name])
 
@@ -222,9 +230,31 @@ def test_ddp_two_cpu_processes(tmp_path):
     per_rank = [batches[r::2] for r in range(2)]
     global_windows = [[b for rank in per_rank for b in rank[i:i + K]] for i in range(0, len(per_rank[0]), K)]
     items = [sum(int((b[1] != IGNORE).sum()) for b in w) for w in global_windows]
-    assert ranks[0]["windows"] == ranks[1]["windows"] == [(m, float(n)) for m, n in zip([4, 4, 2], items)] * 2
+    for rank in ranks:
+        assert [w[:2] for w in rank["windows"]] == [(m, float(n)) for m, n in zip([4, 4, 2], items)] * 2
     ref = make_net()
-    large_batch_run(ref, sgd(ref), global_windows, epochs=worker.EPOCHS, clip=CLIP)
+    ref_loss = large_batch_run(ref, sgd(ref), global_windows, epochs=worker.EPOCHS, clip=CLIP)
     got = make_net()
     got.load_state_dict(ranks[0]["weights"])
     assert max_diff(got, ref) <= 1e-5
+    torch.testing.assert_close(ranks[0]["windows"][-1][2], ref_loss, rtol=1e-5, atol=1e-6, check_dtype=False)
+
+
+def test_ddp_save_state_mid_window_resumes_bit_identical(ddp_runs):
+    """2 processes: save_state after micro-batch 6 of 10 per rank (each rank's window holds 2
+    micro-batches of its own, not yet all-reduced). The file, written by the main process, holds
+    both ranks' windows; a fresh Accelerator's load_state gives each rank its own, and the run ends
+    bit-identical to the uninterrupted one, window losses too. (With the main process's window on
+    both ranks: weights 1.8e-2 off.)"""
+    out, ranks = ddp_runs
+    state = torch.load(out / "state" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["world_size"] == 2 and [s["micro_batches"] for s in state["ranks"]] == [2, 2]
+    assert not same_bits(state["ranks"][0]["buckets"][0], state["ranks"][1]["buckets"][0])
+    for rank, run in enumerate(ranks):
+        whole, resumed = run["whole"], run["resumed"]
+        for name, value in whole["weights"].items():
+            assert same_bits(resumed["weights"][name], value), (rank, name)
+        want = whole["windows"][1:]  # the resumed run closes epoch 0's window 2 first
+        assert [w[:2] for w in resumed["windows"]] == [w[:2] for w in want]
+        for got, expected in zip(resumed["windows"], want):
+            assert same_bits(got[2], expected[2]), (rank, got, expected)

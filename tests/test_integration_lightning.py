@@ -225,7 +225,9 @@ def test_checkpoint_mid_window_resumes_bit_identical(tmp_path):
     with pytest.raises(_Stop):
         fit(Net("adamw"), batches, plugin=FusedAccumPrecision("16-mixed"), callbacks=[SaveAndStop(path, 0, 5)])
     state = torch.load(path, weights_only=False)["FusedAccumPrecision"]
-    assert state["accumulator"]["micro_batches"] == 2 and state["accumulator"]["scaler"]["scale"] == 2.0**16
+    assert state["accumulator"]["world_size"] == 1  # one rank's window: see the DDP test for two
+    state = state["accumulator"]["ranks"][0]
+    assert state["micro_batches"] == 2 and state["scaler"]["scale"] == 2.0**16
 
     resumed, record = Net("adamw"), Record()
     resumed.net[0].weight.data.add_(1.0)  # the checkpoint's weights replace these
@@ -325,16 +327,26 @@ def test_pytorch_lightning_package_same_result():
     assert same_state(theirs.net, ours.net)
 
 
-def test_ddp_two_cpu_processes(tmp_path):
+def run_ddp_worker(out, mode):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_lightning_ddp_worker.py"), str(out), mode], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"{mode}_rank{r}.pt") for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_whole_run(tmp_path_factory):
+    """The uninterrupted DDP run (it writes the mid-window checkpoint on its way): shared by the DDP tests."""
+    out = tmp_path_factory.mktemp("lightning_ddp")
+    return out, run_ddp_worker(out, "whole")
+
+
+def test_ddp_two_cpu_processes(ddp_whole_run):
     """strategy='ddp', 2 CPU processes (gloo), token-weighted losses, windows of 4, 4, 2: both ranks
     end with the same weights, equal to the large-batch run over both ranks' data (in order:
     rank r takes samples r, r+2, ...); the logged loss is the global window's."""
-    out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_lightning_ddp_worker.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    _, ranks = ddp_whole_run
     for name in ranks[0]["weights"]:
         assert same_bits(ranks[0]["weights"][name], ranks[1]["weights"][name])
 
@@ -349,7 +361,29 @@ def test_ddp_two_cpu_processes(tmp_path):
     got = make_net()
     got.load_state_dict({k.removeprefix("net."): v for k, v in ranks[0]["weights"].items()})
     assert max_diff(got, ref) <= 1e-5
-    torch.testing.assert_close(ranks[0]["logged_loss"], ref_loss, rtol=1e-5, atol=1e-6, check_dtype=False)
+    assert len(ranks[0]["logged_losses"]) == 3 * worker.EPOCHS
+    torch.testing.assert_close(ranks[0]["logged_losses"][-1], ref_loss, rtol=1e-5, atol=1e-6, check_dtype=False)
+
+
+def test_ddp_checkpoint_mid_window_resumes_bit_identical(ddp_whole_run):
+    """DDP, 2 ranks: the checkpoint written after micro-batch 6 of 10 (each rank's window 2 holds
+    2 of 4 micro-batches of its own, not yet all-reduced) holds both ranks' windows; resumed with
+    ckpt_path=, each rank takes its own back, and the run ends bit-identical to the uninterrupted
+    one, its logged window losses too. (Saving rank 0's window only, both ranks resumed with it:
+    weights 1e-2 off, the resumed window's loss about half.)"""
+    out, whole = ddp_whole_run
+    state = torch.load(out / "mid.ckpt", weights_only=False)["FusedAccumPrecision"]["accumulator"]
+    assert state["world_size"] == 2 and [s["micro_batches"] for s in state["ranks"]] == [2, 2]
+    assert not same_bits(state["ranks"][0]["buckets"][0], state["ranks"][1]["buckets"][0])
+    resumed = run_ddp_worker(out, "resume")
+    for rank in range(2):
+        for name, value in whole[rank]["weights"].items():
+            assert same_bits(resumed[rank]["weights"][name], value), (rank, name)
+        # The resumed run logs from epoch 0's window 2 on; the first is the window cut by the checkpoint.
+        want = whole[rank]["logged_losses"][1:]
+        assert len(resumed[rank]["logged_losses"]) == len(want)
+        for got, expected in zip(resumed[rank]["logged_losses"], want):
+            assert same_bits(got, expected), (rank, got, expected)
 
 
 def test_import_fusedaccum_imports_no_framework():

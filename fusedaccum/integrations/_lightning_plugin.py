@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import GradAccumulator, LossScaler
+from . import _rank_state
 
 _PRECISIONS = {"32": "32-true", "32-true": "32-true", "16": "16-mixed", "16-mixed": "16-mixed",
                "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed"}
@@ -271,11 +272,15 @@ def make_precision_class(pl, module_name: str):
 
         # -------------------------------------------------------------- checkpoints
         def state_dict(self) -> dict:
+            """``{"accumulator": every rank's accumulator state}``. Under DDP a collective:
+            Lightning's ``dump_checkpoint`` calls it on every rank and rank 0 writes the file."""
             if self.accumulator is None:
                 return dict(self._pending_state or {})
-            return {"accumulator": self.accumulator.state_dict()}
+            return {"accumulator": _rank_state.gather(self.accumulator.state_dict())}
 
         def load_state_dict(self, state_dict: dict) -> None:
+            """This rank's window out of the checkpoint; a window saved on another number of ranks
+            is refused (one saved between windows loads on any)."""
             if not state_dict:
                 return
             if "accumulator" not in state_dict:
@@ -283,7 +288,7 @@ def make_precision_class(pl, module_name: str):
             if self.accumulator is None:
                 self._pending_state = dict(state_dict)  # applied when fit sets the accumulator up
                 return
-            self.accumulator.load_state_dict(state_dict["accumulator"])
+            self.accumulator.load_state_dict(_rank_state.select(state_dict["accumulator"], "FusedAccumPrecision"))
 
         def on_load_checkpoint(self, checkpoint: dict) -> None:
             # A stock '16-mixed' checkpoint keeps GradScaler's state under MixedPrecision: LossScaler

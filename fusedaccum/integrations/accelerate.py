@@ -27,6 +27,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
 
 from .. import GradAccumulator, LossScaler
+from . import _rank_state
 
 __all__ = ["FusedAccumulation"]
 
@@ -111,10 +112,15 @@ class FusedAccumulation:
         return self.accumulator.micro_batches
 
     def state_dict(self) -> dict:
-        return self.accumulator.state_dict()
+        """Every rank's accumulator state (its partial window is its own), gathered: under
+        multi-process a collective, which ``accelerator.save_state`` runs on every rank before
+        one process writes the file."""
+        return _rank_state.gather(self.accumulator.state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.accumulator.load_state_dict(state_dict)
+        """This rank's window out of ``state_dict()``; a window saved on another number of
+        processes is refused (one saved between windows loads on any)."""
+        self.accumulator.load_state_dict(_rank_state.select(state_dict, "FusedAccumulation"))
 
     def release(self) -> None:
         """Give the parameters up (``GradAccumulator.release``)."""
