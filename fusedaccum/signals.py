@@ -336,8 +336,7 @@ class WindowSignals:
         window started or was loaded (``Window.sums`` adds those before a resume)."""
         parts = [self.loss.total(device)]
         if self.tracker is None:
-            sums = torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
-            return sums if self.carried is None else sums + self.carried
+            return torch.cat([parts[0].reshape(1), torch.zeros(3, dtype=torch.float64, device=device)])
         sq = [s.sum(dtype=torch.float64) for s in self.sq] if self.sampled else []
         if self.fp32_sq is not None:
             sq.append(self.fp32_sq)
