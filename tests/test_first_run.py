@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fusedaccum import _tolerances, selfcheck
@@ -65,3 +66,75 @@ def test_selfcheck_uses_the_tests_tolerance_table(monkeypatch, capsys):
     monkeypatch.setattr(selfcheck, "unscale_clip_", off_by_half_a_percent)
     assert not selfcheck.run("cpu", n=4099)
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_guide_bucket_example_prints_the_norm_of_the_gradient_it_computed(capsys):
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    section = guide[guide.index("## Without the accumulator"):]
+    code = section[section.index("```python\n") + 10:section.index("```", section.index("```python\n") + 10)]
+    ns = {}
+    exec(code, ns)
+    model, x = ns["model"], ns["x"]
+    with torch.no_grad():     # the true gradient of the (unscaled) loss, by hand: not through the buckets
+        out = model(x)
+        g_out = 2 * out / out.numel()
+        true_norm = torch.cat([(g_out.T @ x).flatten(), g_out.sum(0)]).double().norm()
+    assert float(ns["found_inf"]) == 0
+    assert abs(float(ns["total_norm"]) - float(true_norm)) <= 1e-5 * float(true_norm)
+    assert f"gradient norm {float(true_norm):.4f}" in capsys.readouterr().out
+
+
+def _fp16_skipped_windows(init_scale, windows=8):
+    import torch.nn.functional as F
+
+    import fusedaccum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64)).half()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    acc = fusedaccum.GradAccumulator(model.parameters(), 4, max_norm=1.0,
+                                     scaler=fusedaccum.LossScaler(init_scale=init_scale))
+    skipped = []
+    for _ in range(windows * 4):
+        x, y = torch.randint(0, 64, (16, 32)), torch.randint(0, 64, (16, 32))   # 512 tokens
+        with acc.accumulate(model):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+            acc.backward(loss, num_items=y.numel())
+        result = acc.step(optimizer)
+        if result is not None:
+            skipped.append(int(result.found_inf))
+    return skipped
+
+
+def test_fp16_summed_loss_skips_first_windows_unless_the_scale_starts_lower():
+    """docs/guide.md, "fp16 with a summed (token-weighted) loss": the numbers quoted there."""
+    default = _fp16_skipped_windows(2.0 ** 16)
+    assert default[:4] == [1, 1, 1, 1] and sum(default[:7]) == 5, default
+    assert sum(_fp16_skipped_windows(2.0 ** 16 / 512)) == 0
+
+
+def test_demo_plot_legend_says_which_axis_each_series_uses(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from fusedaccum import demo_plot as dp
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    names = (dp.LARGE, dp.ACCUMULATED, dp.NAIVE, dp.ADAPTIVE)
+    labels = {n: n for n in names}
+    dp.plot(curves={n: [1.0, 0.5] for n in names}, drift={n: [0.1, 0.2] for n in names}, labels=labels,
+            out=tmp_path / "x.png", epochs=2, progress={n: [(1.0, 0, 10), (0.5, 0, 20)] for n in names},
+            noise={n: [5.0, 6.0] for n in names}, ks=[2, 4], extras_hint="")
+    noise_axes = [ax for ax in saved[0].axes if ax.get_legend() is not None and "right axis" in ax.get_title()]
+    assert len(noise_axes) == 1
+    legend = [t.get_text() for t in noise_axes[0].get_legend().get_texts()]
+    assert len(legend) == 3 and all(t.startswith(("left:", "right:")) for t in legend), legend
+    assert sum(t.startswith("right:") for t in legend) == 1
+
+
+def test_api_reference_describes_params_and_is_enabled():
+    api = (ROOT / "docs" / "api.md").read_text()
+    for heading in ("#### `GradAccumulator.params` (property)", "#### `LossScaler.is_enabled()`"):
+        after = api[api.index(heading) + len(heading):].lstrip("\n")
+        assert not after.startswith("#"), f"{heading} has no description"
