@@ -195,6 +195,7 @@ class GradAccumulator:
 
     @property
     def params(self) -> list:
+        """The parameters this accumulator manages: those given with ``requires_grad``, each once, grouped by bucket."""
         return self.buckets.params
 
     def _scale_active(self) -> bool:

@@ -27,15 +27,18 @@ def plot(curves, drift, labels, out, epochs, progress, noise, ks, extras_hint):
         # Until |G|²'s average is clearly positive the ratio is meaningless (negative, or
         # huge): those points are left out (the policy keeps K then).
         ax_noise.plot(range(1, len(noise[name]) + 1), [v if v > 0 else math.nan for v in noise[name]],
-                      label=f"b_simple, {labels[name]}", **styles[name])
+                      label=f"left: b_simple, {labels[name]}", **styles[name])
     ax_images.set(xlabel="images seen", ylabel="training-set loss", yscale="log",
                   title="fixed K against K from the noise scale")
     ax_images.legend()
-    ax_noise.set(xlabel="optimizer step", ylabel="b_simple (images)", yscale="log",
-                 title="gradient noise scale (StepResult.noise_scale)")
+    ax_noise.set(xlabel="optimizer step", ylabel="b_simple (images), left axis", yscale="log",
+                 title="noise scale (left axis) and adaptive K (right axis)")
+    # Two y-axes: the legend names each series' axis, and the right one wears K's colour.
     ax_k = ax_noise.twinx()
-    ax_k.step(range(1, len(ks) + 1), ks, where="post", color="tab:orange", lw=1.0, label="adaptive K")
-    ax_k.set_ylabel("K (micro-batches per step)")
+    ax_k.step(range(1, len(ks) + 1), ks, where="post", color="tab:orange", lw=1.0,
+              label="right: K of the adaptive run")
+    ax_k.set_ylabel("K (micro-batches per step), right axis", color="tab:orange")
+    ax_k.tick_params(axis="y", colors="tab:orange")
     handles = ax_noise.get_legend_handles_labels()
     ax_noise.legend(handles[0] + ax_k.get_legend_handles_labels()[0],
                     handles[1] + ax_k.get_legend_handles_labels()[1], fontsize="small")

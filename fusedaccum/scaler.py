@@ -89,6 +89,7 @@ class LossScaler:
             self._growth_tracker = torch.full((), self._init_growth_tracker, dtype=torch.int32, device=device)
 
     def is_enabled(self) -> bool:
+        """False when built with ``enabled=False`` (every method is then a no-op), as ``GradScaler.is_enabled``."""
         return self._enabled
 
     def scale_tensor(self, device: "torch.device | str | None" = None) -> torch.Tensor:
