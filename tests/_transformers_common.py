@@ -34,6 +34,7 @@ _import_hf_kernels()
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
+from fusedaccum import GradAccumulator  # noqa: E402,F401
 from fusedaccum.integrations.transformers import FusedAccumTrainer  # noqa: E402
 
 VOCAB, SEQ = 24, 7
@@ -140,7 +141,7 @@ def reference(model0, wins, *, total_steps, optimizer_like=None, skip=(), lr=LR,
     its summed token loss over its token count (fp32 sums, also for bf16 weights, rounded to
     the parameter dtype once), clipped to ``max_norm``; AdamW (the class and settings of
     ``optimizer_like`` when given) with Trainer's linear schedule; the windows in ``skip``
-    change nothing (and do not step the schedule). Returns (model, [pre-clip norms])."""
+    change nothing (and do not step the schedule). Returns (model, [pre-clip norms], [window losses])."""
     model = copy.deepcopy(model0)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_like is not None:
@@ -148,19 +149,21 @@ def reference(model0, wins, *, total_steps, optimizer_like=None, skip=(), lr=LR,
     else:
         opt = torch.optim.AdamW(params, lr=lr, eps=EPS, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total_steps - s) / total_steps))
-    norms = []
+    norms, losses = [], []
     for w, mbs in enumerate(wins):
         sums = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
-        tokens = 0
+        tokens, total = 0, 0.0
         for mb in mbs:
             loss, n = _summed_loss(model, mb)
             tokens += n
+            total += float(loss)
             grads = torch.autograd.grad(loss, params)
             for s, g in zip(sums, grads):
                 s += g.float()
         g = [s / tokens for s in sums]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g]))
         norms.append(float(norm))
+        losses.append(total / tokens)
         if w in skip:
             continue
         coef = min(1.0, max_norm / (float(norm) + 1e-6))
@@ -168,7 +171,7 @@ def reference(model0, wins, *, total_steps, optimizer_like=None, skip=(), lr=LR,
             p.grad = (x * coef).to(p.dtype)
         opt.step()
         sched.step()
-    return model, norms
+    return model, norms, losses
 
 
 def max_diff(a, b) -> float:
