@@ -156,7 +156,7 @@ def reference(model0, wins, *, total_steps, optimizer_like=None, skip=(), lr=LR,
         for mb in mbs:
             loss, n = _summed_loss(model, mb)
             tokens += n
-            total += float(loss)
+            total += float(loss.detach())
             grads = torch.autograd.grad(loss, params)
             for s, g in zip(sums, grads):
                 s += g.float()

@@ -93,6 +93,10 @@ class WindowOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)
 
     def state_dict(self):
+        # A held-back scheduler step changes param_groups' lr: settle it before they are saved.
+        sched = getattr(self._trainer, "lr_scheduler", None)
+        if isinstance(sched, SkipAwareScheduler):
+            sched.resolve()
         sd = self.optimizer.state_dict()
         acc = getattr(self._trainer, "accumulator", None)
         if acc is not None:
