@@ -4,6 +4,7 @@ Trainer actually ran, and the hand-written large-batch reference that replays th
 
 import copy
 import importlib
+import inspect
 import os
 import sys
 
@@ -145,7 +146,8 @@ def reference(model0, wins, *, total_steps, optimizer_like=None, skip=(), lr=LR,
     model = copy.deepcopy(model0)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_like is not None:
-        opt = type(optimizer_like)(params, **optimizer_like.defaults)
+        keys = inspect.signature(type(optimizer_like)).parameters
+        opt = type(optimizer_like)(params, **{k: v for k, v in optimizer_like.defaults.items() if k in keys})
     else:
         opt = torch.optim.AdamW(params, lr=lr, eps=EPS, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (total_steps - s) / total_steps))

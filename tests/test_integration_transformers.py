@@ -103,10 +103,17 @@ def test_bf16_weights_accumulate_in_fp32(tmp_path):
     real = fused._fused_window_optimizer().optimizer
     ref, norms, _ = c.reference(m0, c.windows(fused.recorded), total_steps=fused.state.max_steps,
                                 optimizer_like=real)
-    moved = c.max_diff(ref, m0)
-    assert c.max_diff(fused_model, ref) <= 1e-5
+    # bf16 arithmetic is not the reference's bit for bit (fused vs foreach AdamW, one rounding of
+    # the clip multiplier): a weight may land one bf16 ulp away, never more.
+    assert _ulps(fused_model, ref) <= 1
     assert _rel(c.grad_norms(fused), norms) <= 1e-4
-    assert c.max_diff(stock_model, ref) > 0.05 * moved
+    assert _ulps(stock_model, ref) >= 4
+
+
+def _ulps(a, b) -> float:
+    """The largest distance between matching bf16 weights, in ulps of the reference weight."""
+    return max(float(((p.double() - q.double()).abs() / (q.double().abs() * 2.0 ** -7).clamp_min(2.0 ** -133)).max())
+               for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_injected_inf_skips_the_window(tmp_path):
