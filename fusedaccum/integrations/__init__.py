@@ -5,6 +5,7 @@
   the same class for the standalone ``pytorch_lightning`` package).
 - ``fusedaccum.integrations.accelerate``: ``FusedAccumulation``, a few lines in a Hugging Face
   Accelerate loop.
+- ``fusedaccum.integrations.transformers``: ``FusedAccumTrainer``, a mixin over ``transformers.Trainer``.
 
 Nothing is imported here, so ``import fusedaccum`` (and this package) never pulls in
 Lightning or Accelerate. See docs/integrations.md.
