@@ -155,6 +155,7 @@ class GradAccumulator:
         """Drop the current window (its micro-batches and sums) without a step: after a guard
         reported a damaged window, or to skip a window on purpose."""
         self.buckets.zero_()
+        self._engine.discard()
         self._reset_window()
         self._guard.sync()
 
