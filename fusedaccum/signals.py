@@ -42,6 +42,18 @@ def estimate_noise(small_sq, small_inv, small_n, big_sq, big_size):
     return trace_cov, big_sq - trace_cov / big_size
 
 
+def wrapper_may_sync(tracker, k: int, engine) -> bool:
+    """Whether a window's last micro-batch may run with DDP's all-reduce in its backward. Not at
+    K = 1 with the statistics on: DDP would average the only micro-batch before any norm is
+    read, leaving no small batch (no estimate, stale averages). It then runs under
+    ``no_sync()`` and the step all-reduces the buckets (DDP's partial-window path): the same
+    bytes, not overlapped with the backward, and the process-group engine's estimate. K,
+    the settings and the engine are alike on every rank, so every rank decides alike."""
+    from .parallel.ddp import DDP
+
+    return not (tracker is not None and k == 1 and isinstance(engine, DDP) and engine.communicates)
+
+
 @dataclass(frozen=True)
 class StepsChange:
     """One change of ``accumulation_steps`` made by ``AdaptiveSteps``, after ``window``
@@ -57,7 +69,7 @@ class StepsChange:
 @dataclass(frozen=True)
 class AdaptiveSteps:
     """Let ``accumulation_steps`` follow the noise scale: ``K ≈ b_simple / (world ·
-    items per micro-batch)``, rounded and clamped to ``[min_steps, max_steps]``.
+    items per micro-batch)``, clamped to ``[min_steps, max_steps]``, with hysteresis.
 
     min_steps: the smallest K (default 2: with fp32 parameters in one process a window of one
         micro-batch gives no estimate, so K = 1 would never be left).
@@ -68,17 +80,26 @@ class AdaptiveSteps:
     on_change: called with each change (a ``StepsChange``), which is also recorded in
         ``GradAccumulator.accumulation_steps_changes`` and returned as
         ``StepResult.accumulation_steps_change`` of that window.
+    tolerance: a target within a factor ``tolerance`` of the current K (``K / tolerance ≤
+        target ≤ K · tolerance``) is no reason to change (a number > 1).
+    patience: K changes only after this many consecutive decisions found the target outside
+        that band on the same side; then to the last of them, rounded.
 
-    A decision without a finite, positive ``b_simple`` (no estimate yet) keeps K.
+    A decision without a finite, positive ``b_simple`` (no estimate yet) keeps K and does not
+    count. The averages' noise moves single targets by a factor 1.5 and more (docs/signals.md),
+    so both rules are needed for K to settle; a real change of the noise scale is followed
+    within about ``(patience + 1) · every`` windows plus the averages' lag.
     """
 
     min_steps: int = 2
     max_steps: int = 64
     every: int = 10
     on_change: "object | None" = None
+    tolerance: float = 1.5
+    patience: int = 3
 
     def __post_init__(self):
-        for name in ("min_steps", "max_steps", "every"):
+        for name in ("min_steps", "max_steps", "every", "patience"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"AdaptiveSteps.{name} must be an integer >= 1, got {v!r}")
@@ -86,13 +107,28 @@ class AdaptiveSteps:
             raise ValueError(f"AdaptiveSteps: max_steps={self.max_steps} < min_steps={self.min_steps}")
         if self.on_change is not None and not callable(self.on_change):
             raise TypeError(f"AdaptiveSteps.on_change must be callable or None, got {type(self.on_change).__name__}")
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (1 < t < math.inf):
+            raise ValueError(f"AdaptiveSteps.tolerance must be a finite number > 1, got {t!r}")
 
-    def target(self, b_simple: float, items_per_micro_batch: float, world_size: int) -> "int | None":
-        """The K this policy wants, or None when the statistics give no answer."""
+    def want(self, b_simple: float, items_per_micro_batch: float, world_size: int) -> "float | None":
+        """The K the statistics ask for, clamped but not rounded, or None when they give no answer."""
         want = b_simple / (items_per_micro_batch * world_size)
         if not (math.isfinite(want) and want > 0):
             return None
+        return float(min(self.max_steps, max(self.min_steps, want)))
+
+    def target(self, b_simple: float, items_per_micro_batch: float, world_size: int) -> "int | None":
+        """``want`` rounded: the K one decision alone would pick, or None."""
+        want = self.want(b_simple, items_per_micro_batch, world_size)
+        return None if want is None else self._round(want)
+
+    def _round(self, want: float) -> int:
         return int(min(self.max_steps, max(self.min_steps, round(want))))
+
+    def side(self, want: float, k: int) -> int:
+        """+1 (-1) when ``want`` is above (below) the band around ``k``, else 0."""
+        return 1 if want > k * self.tolerance else -1 if want < k / self.tolerance else 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +225,7 @@ class NoiseTracker:
     windows_since_decision: int = 0
     windows: int = 0
     changes: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # the targets of the current run of out-of-band decisions
 
     def __post_init__(self):
         self.smoother = _Smoother(float(self.settings.beta))
@@ -199,6 +236,11 @@ class NoiseTracker:
         ok = valid & torch.isfinite(trace_cov) & torch.isfinite(grad_sq)
         self.windows += 1
         return self.smoother.update(trace_cov, grad_sq, ok, unit)
+
+    def warmup(self) -> int:
+        """Windows before the first decision: the averages' time constant, 1 / (1 - beta) (a
+        bias-corrected average of fewer windows swings by several times)."""
+        return math.ceil(1.0 / (1.0 - self.settings.beta) - 1e-9)
 
     def decide(self, stats: NoiseScale, items_per_micro_batch, world_size: int, k: int) -> "StepsChange | None":
         """The adaptive policy after a window: a new K, or None. Reads the host only every
@@ -214,8 +256,21 @@ class NoiseTracker:
         per_micro = (items_per_micro_batch.to(stats.b_simple) if isinstance(items_per_micro_batch, torch.Tensor)
                      else torch.full_like(stats.b_simple, items_per_micro_batch))
         b_simple, per_micro = torch.stack([stats.b_simple, per_micro]).tolist()
-        new = policy.target(b_simple, per_micro, world_size)
-        if new is None or new == k:
+        want = policy.want(b_simple, per_micro, world_size)
+        if want is None or self.windows < self.warmup():
+            return None
+        # Hysteresis: only a run of `patience` decisions, all outside the band on one side, moves K.
+        side = policy.side(want, k)
+        if side == 0 or (self.pending and policy.side(self.pending[-1], k) != side):
+            self.pending = []
+        if side == 0:
+            return None
+        self.pending.append(want)
+        if len(self.pending) < policy.patience:
+            return None
+        new = policy._round(self.pending[-1])
+        self.pending = []
+        if new == k:
             return None
         change = StepsChange(window=self.windows, old=k, new=new, b_simple=b_simple, items_per_micro_batch=per_micro)
         self.changes.append(change)
@@ -225,7 +280,8 @@ class NoiseTracker:
 
     def state_dict(self) -> dict:
         return {"ema": None if self.smoother.state is None else self.smoother.state.clone(),
-                "windows_since_decision": self.windows_since_decision, "windows": self.windows}
+                "windows_since_decision": self.windows_since_decision, "windows": self.windows,
+                "pending": list(self.pending)}
 
     @staticmethod
     def check_state(state) -> None:
@@ -239,6 +295,11 @@ class NoiseTracker:
         for key in ("windows_since_decision", "windows"):
             if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral) or state[key] < 0:
                 raise ValueError(f"{key}={state[key]!r} in the state dict's noise-scale state; expected an integer >= 0")
+        pending = state.get("pending", [])  # absent from checkpoints written before the hysteresis
+        if not isinstance(pending, (list, tuple)) or not all(
+                isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in pending):
+            raise ValueError(f"pending={pending!r} in the state dict's noise-scale state; expected a list of "
+                             "positive numbers")
 
     def load_state_dict(self, state: dict, device) -> None:
         self.check_state(state)
@@ -246,6 +307,7 @@ class NoiseTracker:
         self.smoother.state = None if ema is None else ema.to(device, torch.float64).clone()
         self.windows_since_decision = int(state["windows_since_decision"])
         self.windows = int(state["windows"])
+        self.pending = [float(v) for v in state.get("pending", [])]
 
 
 class WindowLoss:
