@@ -519,8 +519,11 @@ def test_demo_shows_the_window_loss_noise_scale_and_adaptive_k(tmp_path):
 
 
 def test_exports():
-    for name in ("AdaptiveSteps", "NoiseScale", "NoiseScaleSettings", "StepsChange"):
-        assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == "fusedaccum.signals"
+    modules = {"AdaptiveSteps": "adaptive", "NoiseScale": "signals", "NoiseScaleSettings": "signals",
+               "StepsChange": "adaptive"}
+    for name, module in modules.items():
+        assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == f"fusedaccum.{module}"
+        assert getattr(fusedaccum.signals, name) is getattr(fusedaccum, name)  # still importable from signals
 
 
 # ---------------------------------------------------------------- data parallel (gloo, 2 ranks)
