@@ -66,20 +66,40 @@ def shard_group(grads):
 
 @torch.no_grad()
 def clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach):
-    """``fusedaccum.clip_grad_norm_`` for DTensor gradients: the fused pass over the flat
-    buffers behind their local shards, with one gather of the norm's partials; torch's
-    implementation when they are not such views (or for the arguments torch decides)."""
+    """``fusedaccum.clip_grad_norm_`` for DTensor gradients: the fused passes over the local
+    shards, with one gather of the norm's partials; torch's implementation for the layouts,
+    dtypes and arguments the fused path does not take.
+
+    Which of the two runs decides which collective every rank enters (a gather of partials,
+    or torch's all-reduce), so the choice rests only on what all ranks share: placements,
+    dtypes, arguments. Never on local memory layout: with uneven shards one rank's shards can
+    tile a flat buffer while another's hold gaps (FSDP2's padding), and a choice made on that
+    hangs the job. The layout only decides, locally, whether the passes run on the buffer in
+    place or on a packed copy written back after."""
     from torch.distributed.tensor import DTensor, Replicate
 
     sharding = shard_group(grads)
-    local = [g._local_tensor for g in grads]
-    buffers = (_covering_buckets(local) if sharding is not None and _fusable_clip_args(max_norm, norm_type)
-               else None)
-    dtypes = {g.dtype for g in local}
-    if buffers is None or torch.float16 in dtypes or not dtypes <= set(GRAD_DTYPES):
+    dtypes = {g.dtype for g in grads}
+    if (sharding is None or not _fusable_clip_args(max_norm, norm_type) or torch.float16 in dtypes
+            or not dtypes <= set(GRAD_DTYPES)):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    # One buffer per dtype, in an order every rank shares: the partials' width (the gather's
+    # size) then depends on the dtypes only.
+    groups = [[g._local_tensor for g in grads if g.dtype == dtype] for dtype in sorted(dtypes, key=str)]
+    buffers, packed = [], []
+    for local in groups:
+        covering = _covering_buckets(local)
+        if covering is not None and len(covering) == 1:
+            buffers.append(covering[0])  # a GradAccumulator's bucket: in place
+        else:
+            flat = torch.cat([t.reshape(-1) for t in local])
+            buffers.append(flat)
+            packed.append((local, flat))
     mesh, group, size = sharding
     hook = gather_partials(group, size) if size > 1 else None
     total = _fused_clip(buffers, dtypes, max_norm, norm_type, error_if_nonfinite, reduce_partials=hook)
+    for local, flat in packed:
+        torch._foreach_copy_(local, [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in local]),
+                                                                             local)])
     # Every rank holds the global norm: a replicated DTensor, as torch returns a DTensor.
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)

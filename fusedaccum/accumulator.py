@@ -158,6 +158,7 @@ class GradAccumulator:
         """Drop the current window (its micro-batches and sums) without a step: after a guard
         reported a damaged window, or to skip a window on purpose."""
         self.buckets.zero_()
+        self._engine.discard()
         self._reset_window()
         self._guard.sync()
 
@@ -225,7 +226,7 @@ class GradAccumulator:
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
         last = self._win.micro + 1 >= self.accumulation_steps
-        sync = last if sync is None else sync
+        sync = last and _signals.wrapper_may_sync(self._signals.tracker, self._k, self._engine) if sync is None else sync
         # Whether a wrapper (DDP) reduces in this backward: its buckets are then no small batch.
         self._wrapper_syncs = sync and self._engine.communicates and callable(getattr(model, "no_sync", None))
         try:

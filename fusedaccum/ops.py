@@ -320,9 +320,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     it; the fused norm does not, so the two differ within one bf16 rounding of that part.
     ``error_if_nonfinite=True`` reads the norm on the host (one sync), as torch does; the
     gradients are then left unscaled when it raises.
-    FSDP2 (DTensor) gradients whose local shards tile flat buffers (a ``GradAccumulator``'s):
-    the same passes over the local shards, with one all-gather of the norm's partials over
-    the shard group between them; the norm comes back as a replicated DTensor, as torch's.
+    FSDP2 (DTensor) gradients: the same passes over the local shards (in place when they
+    tile a flat buffer, a ``GradAccumulator``'s; else over a packed copy per dtype, written
+    back), with one all-gather of the norm's partials over the shard group between them; the
+    norm comes back as a replicated DTensor, as torch's. Whether the fused path or torch's
+    runs depends only on what every rank shares (placements, dtypes, arguments), so that all
+    ranks enter the same collective.
     """
     if isinstance(parameters, torch.Tensor):
         params = [parameters]

@@ -18,7 +18,8 @@ Without ``num_items`` a micro-batch (its mean loss) is the unit: ``b_s = 1``, ``
 number of micro-batches, and ``S`` is in per-micro-batch units.
 
 Everything here is device arithmetic on 0-d tensors, no host sync, except
-``AdaptiveSteps``, which reads ``b_simple`` on the host once every ``every`` windows.
+``AdaptiveSteps`` (``fusedaccum.adaptive``), which reads ``b_simple`` on the host once every
+``every`` windows.
 """
 
 import math
@@ -26,6 +27,8 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from .adaptive import AdaptiveSteps, StepsChange, next_k
 
 __all__ = ["AdaptiveSteps", "NoiseScale", "NoiseScaleSettings", "StepsChange", "estimate_noise"]
 
@@ -42,57 +45,16 @@ def estimate_noise(small_sq, small_inv, small_n, big_sq, big_size):
     return trace_cov, big_sq - trace_cov / big_size
 
 
-@dataclass(frozen=True)
-class StepsChange:
-    """One change of ``accumulation_steps`` made by ``AdaptiveSteps``, after ``window``
-    windows, from the ``b_simple`` (and items per micro-batch) read then."""
+def wrapper_may_sync(tracker, k: int, engine) -> bool:
+    """Whether a window's last micro-batch may run with DDP's all-reduce in its backward. Not at
+    K = 1 with the statistics on: DDP would average the only micro-batch before any norm is
+    read, leaving no small batch (no estimate, stale averages). It then runs under
+    ``no_sync()`` and the step all-reduces the buckets (DDP's partial-window path): the same
+    bytes, not overlapped with the backward, and the process-group engine's estimate. K,
+    the settings and the engine are alike on every rank, so every rank decides alike."""
+    from .parallel.ddp import DDP
 
-    window: int
-    old: int
-    new: int
-    b_simple: float
-    items_per_micro_batch: float
-
-
-@dataclass(frozen=True)
-class AdaptiveSteps:
-    """Let ``accumulation_steps`` follow the noise scale: ``K ≈ b_simple / (world ·
-    items per micro-batch)``, rounded and clamped to ``[min_steps, max_steps]``.
-
-    min_steps: the smallest K (default 2: with fp32 parameters in one process a window of one
-        micro-batch gives no estimate, so K = 1 would never be left).
-    max_steps: the largest K.
-    every: decide every ``every`` windows (the first time after ``every`` windows); each
-        decision reads ``b_simple`` and the items per micro-batch on the host: one sync, the
-        only one of these signals.
-    on_change: called with each change (a ``StepsChange``), which is also recorded in
-        ``GradAccumulator.accumulation_steps_changes`` and returned as
-        ``StepResult.accumulation_steps_change`` of that window.
-
-    A decision without a finite, positive ``b_simple`` (no estimate yet) keeps K.
-    """
-
-    min_steps: int = 2
-    max_steps: int = 64
-    every: int = 10
-    on_change: "object | None" = None
-
-    def __post_init__(self):
-        for name in ("min_steps", "max_steps", "every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"AdaptiveSteps.{name} must be an integer >= 1, got {v!r}")
-        if self.max_steps < self.min_steps:
-            raise ValueError(f"AdaptiveSteps: max_steps={self.max_steps} < min_steps={self.min_steps}")
-        if self.on_change is not None and not callable(self.on_change):
-            raise TypeError(f"AdaptiveSteps.on_change must be callable or None, got {type(self.on_change).__name__}")
-
-    def target(self, b_simple: float, items_per_micro_batch: float, world_size: int) -> "int | None":
-        """The K this policy wants, or None when the statistics give no answer."""
-        want = b_simple / (items_per_micro_batch * world_size)
-        if not (math.isfinite(want) and want > 0):
-            return None
-        return int(min(self.max_steps, max(self.min_steps, round(want))))
+    return not (tracker is not None and k == 1 and isinstance(engine, DDP) and engine.communicates)
 
 
 @dataclass(frozen=True)
@@ -189,6 +151,7 @@ class NoiseTracker:
     windows_since_decision: int = 0
     windows: int = 0
     changes: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # the targets of the current run of out-of-band decisions
 
     def __post_init__(self):
         self.smoother = _Smoother(float(self.settings.beta))
@@ -199,6 +162,11 @@ class NoiseTracker:
         ok = valid & torch.isfinite(trace_cov) & torch.isfinite(grad_sq)
         self.windows += 1
         return self.smoother.update(trace_cov, grad_sq, ok, unit)
+
+    def warmup(self) -> int:
+        """Windows before the first decision: the averages' time constant, 1 / (1 - beta) (a
+        bias-corrected average of fewer windows swings by several times)."""
+        return math.ceil(1.0 / (1.0 - self.settings.beta) - 1e-9)
 
     def decide(self, stats: NoiseScale, items_per_micro_batch, world_size: int, k: int) -> "StepsChange | None":
         """The adaptive policy after a window: a new K, or None. Reads the host only every
@@ -214,8 +182,11 @@ class NoiseTracker:
         per_micro = (items_per_micro_batch.to(stats.b_simple) if isinstance(items_per_micro_batch, torch.Tensor)
                      else torch.full_like(stats.b_simple, items_per_micro_batch))
         b_simple, per_micro = torch.stack([stats.b_simple, per_micro]).tolist()
-        new = policy.target(b_simple, per_micro, world_size)
-        if new is None or new == k:
+        want = policy.want(b_simple, per_micro, world_size)
+        if want is None or self.windows < self.warmup():
+            return None
+        new = next_k(policy, self.pending, want, k)
+        if new is None:
             return None
         change = StepsChange(window=self.windows, old=k, new=new, b_simple=b_simple, items_per_micro_batch=per_micro)
         self.changes.append(change)
@@ -225,7 +196,8 @@ class NoiseTracker:
 
     def state_dict(self) -> dict:
         return {"ema": None if self.smoother.state is None else self.smoother.state.clone(),
-                "windows_since_decision": self.windows_since_decision, "windows": self.windows}
+                "windows_since_decision": self.windows_since_decision, "windows": self.windows,
+                "pending": list(self.pending)}
 
     @staticmethod
     def check_state(state) -> None:
@@ -239,6 +211,11 @@ class NoiseTracker:
         for key in ("windows_since_decision", "windows"):
             if isinstance(state[key], bool) or not isinstance(state[key], numbers.Integral) or state[key] < 0:
                 raise ValueError(f"{key}={state[key]!r} in the state dict's noise-scale state; expected an integer >= 0")
+        pending = state.get("pending", [])  # absent from checkpoints written before the hysteresis
+        if not isinstance(pending, (list, tuple)) or not all(
+                isinstance(v, numbers.Real) and math.isfinite(v) and v > 0 for v in pending):
+            raise ValueError(f"pending={pending!r} in the state dict's noise-scale state; expected a list of "
+                             "positive numbers")
 
     def load_state_dict(self, state: dict, device) -> None:
         self.check_state(state)
@@ -246,6 +223,7 @@ class NoiseTracker:
         self.smoother.state = None if ema is None else ema.to(device, torch.float64).clone()
         self.windows_since_decision = int(state["windows_since_decision"])
         self.windows = int(state["windows"])
+        self.pending = [float(v) for v in state.get("pending", [])]
 
 
 class WindowLoss:

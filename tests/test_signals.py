@@ -100,7 +100,8 @@ def test_adaptive_policy_target_clamps_and_decides_every_n_windows():
     assert policy.target(1000.0, 1.0, 1) == 16 and policy.target(1.0, 4.0, 1) == 2
     assert policy.target(math.nan, 4.0, 1) is None and policy.target(-3.0, 1.0, 1) is None
     seen = []
-    tracker = NoiseTracker(NoiseScaleSettings(beta=0.0, adaptive=AdaptiveSteps(1, 64, every=3, on_change=seen.append)))
+    tracker = NoiseTracker(NoiseScaleSettings(beta=0.0, adaptive=AdaptiveSteps(1, 64, every=3, on_change=seen.append,
+                                                                                 patience=1)))
     one = torch.ones((), dtype=torch.float64)
     stats = tracker.update(one * 40, one * 10, 4, one, 16, torch.tensor(True), "items")
     b_simple = float(stats.b_simple)
@@ -443,7 +444,8 @@ def test_adaptive_k_follows_b_simple_and_reads_the_host_only_when_deciding(monke
     x, y = make_data(400, "cpu", seed=5)
     seen = []
     settings = NoiseScaleSettings(beta=0.5, adaptive=AdaptiveSteps(min_steps=2, max_steps=12, every=3,
-                                                                   on_change=seen.append))
+                                                                   on_change=seen.append, patience=1,
+                                                                   tolerance=1 + 1e-9))  # no hysteresis
     acc = GradAccumulator(model.parameters(), 4, noise_scale=settings)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, fused=True)  # no state: skips on the device
     reads = spy_host_reads(monkeypatch)
@@ -517,8 +519,11 @@ def test_demo_shows_the_window_loss_noise_scale_and_adaptive_k(tmp_path):
 
 
 def test_exports():
-    for name in ("AdaptiveSteps", "NoiseScale", "NoiseScaleSettings", "StepsChange"):
-        assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == "fusedaccum.signals"
+    modules = {"AdaptiveSteps": "adaptive", "NoiseScale": "signals", "NoiseScaleSettings": "signals",
+               "StepsChange": "adaptive"}
+    for name, module in modules.items():
+        assert name in fusedaccum.__all__ and getattr(fusedaccum, name).__module__ == f"fusedaccum.{module}"
+        assert getattr(fusedaccum.signals, name) is getattr(fusedaccum, name)  # still importable from signals
 
 
 # ---------------------------------------------------------------- data parallel (gloo, 2 ranks)
@@ -563,7 +568,7 @@ def _dp_adaptive(rank, world, original):
     """K from the noise scale on 2 ranks (process_group=None: the default group): micro-batches
     of 2 rows, a decision every 2 windows; what each rank saw."""
     model = td.make_model("fp32")
-    policy = AdaptiveSteps(min_steps=2, max_steps=6, every=2)
+    policy = AdaptiveSteps(min_steps=2, max_steps=6, every=2, patience=1, tolerance=1 + 1e-9)  # no hysteresis
     acc = GradAccumulator(model.parameters(), 3, noise_scale=NoiseScaleSettings(beta=0.0, adaptive=policy))
     opt = td.make_opt("sgd", model.parameters())
     g = torch.Generator().manual_seed(100 + rank)

@@ -128,6 +128,9 @@ class Engine:
                 "shards together. Build GradAccumulator(fsdp_model, ...) or run each micro-batch in "
                 "accumulate(fsdp_model)")
 
+    def discard(self) -> None:
+        """``discard_window()``: drop whatever the engine holds of the window besides the buckets."""
+
     def check_saveable(self, window: Window) -> None:
         """``state_dict()`` mid-window: raise if the buckets do not hold the whole window."""
 

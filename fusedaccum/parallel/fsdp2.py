@@ -189,6 +189,16 @@ class FSDP2(Engine):
         buckets.watch((fp._unsharded_param, fp.sharded_param) for g in self._groups for fp in g.fsdp_params
                       if hasattr(fp, "_unsharded_param"))
 
+    def discard(self) -> None:
+        # Under "window" FSDP2 holds the window's no-sync backwards as unsharded gradients (in
+        # .grad, or upcast to its reduce dtype) and adds them into the next reduce-scatter:
+        # dropped with the window, or they would reach the next step.
+        for g in self._groups:
+            for fp in g.fsdp_params:
+                fp.unsharded_accumulated_grad = None
+                if getattr(fp, "_unsharded_param", None) is not None:
+                    fp._unsharded_param.grad = None
+
     def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):
         if self.mode == "window" and model is self._model:
             # Only the last micro-batch of a window reduce-scatters (the whole model: recurse).
