@@ -55,7 +55,7 @@ class StoreOverflowWatch:
 
     def _read(self) -> "int | None":
         """The streak as of some recent window, or None when no copy has landed yet."""
-        if self._streak.device.type == "cpu":
+        if self._direct():
             return int(self._streak)  # host memory: no sync
         value = None
         if self._event is not None and self._event.query():
@@ -67,6 +67,9 @@ class StoreOverflowWatch:
             self._event = self._new_event()
             self._event.record()
         return value
+
+    def _direct(self) -> bool:
+        return self._streak.device.type == "cpu"
 
     def _new_event(self):
         return torch.Event(device=self._streak.device)
