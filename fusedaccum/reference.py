@@ -155,10 +155,15 @@ def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
 
 
 def _p_sum(t: torch.Tensor, m: torch.Tensor, p: float) -> torch.Tensor:
-    """Σ(t/m)^p in fp64 for t = |x| >= 0 with max m: every term <= 1, the largest exactly 1, so
-    no p overflows it (p = 150) and no tiny term underflows where it counts (p = 0.1 over 80
-    decades, subnormal x at p = 12). 0 when m is 0."""
-    total = t.double().div_(m.double()).pow_(p).sum()
+    """Σ(t/m)^p (fp64) for t = |x| >= 0 with max m: every term <= 1, the largest exactly 1, so
+    no p overflows it (p = 150) and no small term underflows where it counts (subnormal x at
+    p = 12). p > 1: in fp32 in t itself (what underflows there is below 2^-149 of the largest
+    term); p < 1: in fp64, where t/m = 1e-80 (80 decades) still adds 1e-8 at p = 0.1. 0 when
+    m is 0. t is overwritten."""
+    if p > 1:
+        total = t.div_(m).pow_(p).sum().double()  # torch.sum adds pairwise on the CPU
+    else:
+        total = t.double().div_(m.double()).pow_(p).sum()
     return torch.where(m > 0, total, 0.0)
 
 
@@ -253,10 +258,9 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     # 2**50: the finalize's check of the norm, which bounds every |x * inv|, finds the same
     # steps, so 1 stands in for it here.
     present = torch.stack([one if c[2] is None else c[2] for c in cols])
-    nonempty = torch.tensor([b.numel() > 0 for b in buckets], device=device) if not host else \
-        torch.tensor([b.numel() > 0 for b in buckets])
+    nonempty = torch.stack([one if b.numel() else zero for b in buckets]) > 0  # fills, not a host copy
+    # From max|x| alone, not from the sums: inf / inf in Σ(|x|/m)^p is NaN for an inf x.
     code = _codes(present, torch.stack([c[3] for c in cols]), nonempty, inv)
-    code = torch.where(sums.isnan(), 2.0, torch.maximum(code, sums.isinf().float()))
     limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
     return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, limits])
 

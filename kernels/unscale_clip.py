@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._exponents import log2_split, pow2, scale_exponent
 from ._tile import load_tile, store_tile, to_f32
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
@@ -56,33 +57,6 @@ def store_limit(dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _pow2(e):
-    """2**e as fp32, exactly, for integer e in [-126, 127] (built from the exponent bits)."""
-    return ((e + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _scale_exponent(m):
-    """The power of two a slot's sum is kept relative to: floor(log2(m)) of its largest |x|,
-    clamped to [-126, 126] so that 2**-e is a normal fp32 number. Bit arithmetic, exact."""
-    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    return tl.minimum(tl.maximum(biased - 127, -126), 126)
-
-
-@triton.jit
-def _log2_split(a):
-    """log2(a) of a > 0 as (integer part, log2 of the mantissa in [0, 1)): exact exponent, the
-    fraction to fp32's precision. One fp32 log2(a) near 2**126 would be off by 4e-6 (its ulp),
-    which the p-th powers carry into the norm. a = 0 gives (-151, 0); subnormals are scaled
-    into the normal range first."""
-    sub = a < 1.1754943508222875e-38
-    bits = tl.where(sub, a * 16777216.0, a).to(tl.int32, bitcast=True)
-    exp = ((bits >> 23) & 0xFF) - tl.where(sub, 151, 127)
-    mant = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
-    return exp, tl.log2(mant)
-
-
-@triton.jit
 def _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
     x = to_f32(load_tile(x_ptr, offs, n, FULL))
     # The flag looks at the unscaled value; the norm sums the raw one and the finalize
@@ -103,19 +77,19 @@ def _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND: tl.constexpr, 
             # (|x| / m)^p = 2**(p * (log2|x| - log2 m)), the logs split into exact exponents
             # and mantissa logs: terms <= 1 for any p (no overflow at p = 150), the largest
             # exactly 1, and none lost to an underflowing |x| * 2**-e (p = 0.1 over 80 decades).
-            ex, fx = _log2_split(a)
-            e_new, f_new = _log2_split(m_new)
-            f = _log2_split(m)[1]
+            ex, fx = log2_split(a)
+            e_new, f_new = log2_split(m_new)
+            f = log2_split(m)[1]
             term = tl.exp2(p * (ex - e_new).to(tl.float32) + p * (fx - f_new))
             acc = acc * tl.exp2(p * (e - e_new).to(tl.float32) + p * (f - f_new)) + tl.where(a > 0.0, term, 0.0)
         else:
             # |x * 2**-e|^p, e = floor(log2 m): terms in [0, 4), exact powers of two.
-            e_new = _scale_exponent(m_new)
-            s = a * _pow2(-e_new)
+            e_new = scale_exponent(m_new)
+            s = a * pow2(-e_new)
             if NORM_KIND == 1:
-                acc = acc * _pow2(tl.maximum(e - e_new, -126)) + s
+                acc = acc * pow2(tl.maximum(e - e_new, -126)) + s
             else:
-                acc = acc * _pow2(tl.maximum(2 * (e - e_new), -126)) + s * s
+                acc = acc * pow2(tl.maximum(2 * (e - e_new), -126)) + s * s
         m = m_new
         e = e_new
     return acc, bad, m, e
@@ -149,9 +123,9 @@ def norm_partials_kernel(
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     m = tl.zeros([], dtype=tl.float32)  # running max|x| (finite-p kinds)
     if NORM_KIND == 3:
-        e = _log2_split(m)[0]  # its exponent; the mantissa's log is recomputed from m
+        e = log2_split(m)[0]  # its exponent; the mantissa's log is recomputed from m
     else:
-        e = _scale_exponent(m)
+        e = scale_exponent(m)
     for i in range(tiles_per_program):
         start = (i * num_programs + pid).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
@@ -167,7 +141,7 @@ def norm_partials_kernel(
         part = tl.sum(acc, axis=0)  # relative to m**p; the finalize takes m from ROW_MAX
         e = tl.zeros([], dtype=tl.int32)
     else:
-        part = tl.sum(acc, axis=0)  # relative to 2**_scale_exponent(m)
+        part = tl.sum(acc, axis=0)  # relative to 2**scale_exponent(m)
     slot = partials_ptr + slot_base + pid
     tl.store(slot + ROW_SUM * num_slots, part)
     tl.store(slot + ROW_EXP * num_slots, e.to(tl.float32))
@@ -238,9 +212,9 @@ def finalize_kernel(
             v = tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0)
             d = tl.load(partials_ptr + ROW_EXP * num_slots + offs, mask=mask, other=-126.0).to(tl.int32) - e_ref
             if NORM_KIND == 1:
-                f = _pow2(tl.maximum(d, -126))
+                f = pow2(tl.maximum(d, -126))
             else:
-                f = _pow2(tl.maximum(2 * d, -126))
+                f = pow2(tl.maximum(2 * d, -126))
             total += (v * f).to(tl.float64)
         s = tl.sum(total, axis=0).to(tl.float32)  # in range: every term is <= 4
         if NORM_KIND == 1:
@@ -249,7 +223,7 @@ def finalize_kernel(
             root = tl.sqrt(s)
         # ||x * inv|| = root * 2**e_ref * |inv|, in fp64: root * 2**e_ref alone may exceed
         # fp32 while the unscaled norm does not.
-        norm = root.to(tl.float64) * (_pow2(e_ref).to(tl.float64) * a_inv)
+        norm = root.to(tl.float64) * (pow2(e_ref).to(tl.float64) * a_inv)
     # No elements, or all zero: 0 whatever inv (an inf inv_scale is caught below); an inf
     # or NaN x * inv_scale (e.g. 0 * inf) sets the code instead.
     norm = tl.where(root == 0.0, 0.0, norm).to(tl.float32)
