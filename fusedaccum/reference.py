@@ -2,8 +2,8 @@
 ``fusedaccum.kernels``, same results within the tolerance table in the README, and the
 oracle of the tests. It runs on any device, with no host synchronisation: on other devices
 every decision is taken on the device; on the CPU, where the data already is on the host, it
-reads two of its own values (whether the 2-norm's fast path is in range, whether to skip the
-write) to spare a pass, which is no synchronisation.
+reads three of its own values (whether the 2-norm's fast path is in range, whether inv_scale
+is infinite, whether to skip the write) to spare a pass, which is no synchronisation.
 
 Inputs are validated by ``fusedaccum.ops`` before they get here.
 """

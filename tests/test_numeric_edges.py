@@ -158,3 +158,20 @@ def test_store_overflow_cured_by_clipping_steps(backend, device):
         w, scaler, results = _fp16_run(device, windows=3, max_norm=1e4)
     assert all(float(r.found_inf) == 0.0 for r in results)
     assert float(w.detach().float().max()) < 1.0
+
+
+@pytest.mark.parametrize("weights, kind", [([1.0, 0.0, 1.0], "nan"), ([1.0, 2.0, 3.0], "inf")])
+def test_window_of_zero_items_reports_the_norm_of_an_infinite_inverse(backend, device, weights, kind):
+    """0 items: the inverse count is inf, so the norm is that of grad * inf: NaN where the
+    gradient holds a 0 (0 * inf), else inf (both backends gave NaN for [1, 2, 3])."""
+    w = torch.nn.Parameter(torch.ones(3, device=device))
+    acc = GradAccumulator([w], accumulation_steps=1)
+    opt = torch.optim.SGD([w], lr=0.1)
+    acc.backward((w * torch.tensor(weights, device=device)).sum(), num_items=0)
+    with pytest.warns(RuntimeWarning, match="0 items"):
+        result = acc.step(opt)
+    acc.release()
+    norm = float(result.total_norm)
+    assert (math.isnan(norm) if kind == "nan" else norm == math.inf), norm
+    assert float(result.found_inf) == 1.0
+    assert torch.equal(w.detach(), torch.ones(3, device=device))
