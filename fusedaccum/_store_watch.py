@@ -55,11 +55,13 @@ class StoreOverflowWatch:
 
     def _read(self) -> "int | None":
         """The streak as of some recent window, or None when no copy has landed yet."""
+        # Reads go through numpy(), which refuses a device tensor: by construction they read
+        # host memory and can never wait for a device.
         if self._direct():
-            return int(self._streak)  # host memory: no sync
+            return int(self._streak.numpy())
         value = None
         if self._event is not None and self._event.query():
-            value, self._event = int(self._host), None
+            value, self._event = int(self._host.numpy()), None
         if self._event is None:
             if self._host is None:
                 self._host = torch.empty((), dtype=torch.int32, pin_memory=self._streak.device.type == "cuda")

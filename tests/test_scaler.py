@@ -196,8 +196,7 @@ def test_store_overflow_watch_on_an_accelerator_never_waits(monkeypatch):
     monkeypatch.setattr(_store_watch.StoreOverflowWatch, "_direct", lambda self: False)
     monkeypatch.setattr(_store_watch.StoreOverflowWatch, "_new_event", lambda self: _Event())
     reads = []
-    real_int = _store_watch.int if hasattr(_store_watch, "int") else int
-    monkeypatch.setattr(_store_watch, "int", lambda t: reads.append(1) or real_int(t), raising=False)
+    monkeypatch.setattr(_store_watch, "int", lambda t: reads.append(1) or int(t), raising=False)
     ls = LossScaler(init_scale=0.25)
     ls.scale(torch.ones(()))
     _Event.done = False
