@@ -1,13 +1,11 @@
 """LossScaler against torch.amp.GradScaler: same scale sequence, same checkpoint format."""
 
 import random
-import warnings
 
 import pytest
 import torch
 
 from fusedaccum import LossScaler
-from fusedaccum import _store_watch
 from fusedaccum import scaler as scaler_mod
 
 
@@ -142,67 +140,3 @@ def test_bad_state_dict_changes_nothing():
     with pytest.raises(ValueError, match="backoff_factor"):
         ls.load_state_dict({**before, "backoff_factor": 2.0})
     assert ls.state_dict() == before
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_store_overflow_windows_leave_scale_and_tracker_alone(seed):
-    """An overflow on store (stats[3]) cannot be cured by a smaller scale: the scaler goes on as
-    if that window had not happened (GradScaler's sequence over the other windows)."""
-    rng = random.Random(seed)
-    kinds = [rng.choice(["ok", "ok", "inf", "store"]) for _ in range(40)]
-    expected, _ = grad_scaler_run([k == "inf" for k in kinds if k != "store"], **CONFIGS[0])
-    ls = LossScaler(**CONFIGS[0])
-    ls._store_watch.warn_after = 10 ** 9  # the streak's warning is tested below
-    got = []
-    for k in kinds:
-        ls.scale(torch.ones(()))
-        ls.update(torch.tensor(float(k != "ok")), store_overflow=torch.tensor(float(k == "store")))
-        if k != "store":
-            got.append((ls.get_scale(), ls.state_dict()["_growth_tracker"]))
-    assert got == expected
-
-
-def _store_windows(ls, kinds):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for k in kinds:
-            ls.update(torch.tensor(float(k != "ok")), store_overflow=torch.tensor(float(k == "store")))
-    return [str(c.message) for c in caught if "overflow on store" in str(c.message)]
-
-
-def test_store_overflow_streak_warns_once_per_streak():
-    ls = LossScaler(init_scale=0.25)
-    ls.scale(torch.ones(()))
-    assert _store_windows(ls, ["store", "store"]) == []
-    assert len(_store_windows(ls, ["store"])) == 1  # the third in a row
-    assert _store_windows(ls, ["store", "store", "inf", "store", "store"]) == []  # same streak, then a new one < 3
-    assert len(_store_windows(ls, ["ok", "store", "store", "store"])) == 1
-    assert ls.get_scale() == 0.125  # backed off once, for the "inf" window only
-
-
-class _Event:
-    done = False
-
-    def record(self):
-        pass
-
-    def query(self):
-        return _Event.done
-
-
-def test_store_overflow_watch_on_an_accelerator_never_waits(monkeypatch):
-    """Off the CPU the streak is read from a non-blocking copy once its event has landed
-    (query() does not wait): the warning comes late, never through a sync."""
-    monkeypatch.setattr(_store_watch.StoreOverflowWatch, "_direct", lambda self: False)
-    monkeypatch.setattr(_store_watch.StoreOverflowWatch, "_new_event", lambda self: _Event())
-    reads = []
-    monkeypatch.setattr(_store_watch, "int", lambda t: reads.append(1) or int(t), raising=False)
-    ls = LossScaler(init_scale=0.25)
-    ls.scale(torch.ones(()))
-    _Event.done = False
-    assert _store_windows(ls, ["store"] * 5) == [] and reads == []  # the copy never landed: no read
-    _Event.done = True
-    # The copy made at window 1 (streak 1) is read, and a new one made (streak 6)...
-    assert _store_windows(ls, ["store"]) == [] and len(reads) == 1
-    assert len(_store_windows(ls, ["store"])) == 1 and len(reads) == 2  # ...which warns a window later
-    assert ls.get_scale() == 0.25
