@@ -337,7 +337,7 @@ class GradAccumulator:
         with self._guard.stepping():
             _optim.optimizer_step(optimizer, found_inf)
         if self._scale_active():
-            self.scaler.update(found_inf)
+            self.scaler.update(found_inf, store_overflow=stats[3])
         loss, noise, items_per_micro = signals
         micro = self._win.micro
         self._reset_window()

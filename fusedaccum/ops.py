@@ -150,7 +150,9 @@ def _as_list(tensors, name: str) -> list:
 @torch.no_grad()
 def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
                         out=None, skip_if_nonfinite=True, reduce_partials=None) -> torch.Tensor:
-    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef]`` tensor.
+    """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef, store_overflow]``
+    tensor; ``store_overflow`` is 1.0 when found_inf comes from an overflow on store alone (all
+    values finite, a result too large for its fp16/bf16 destination: no loss scale cures it).
 
     It runs in three phases of the backend: ``norm_partials`` (one read pass: a small fp32
     tensor whose last dim holds one slot per program or bucket), ``finalize`` (the stats) and

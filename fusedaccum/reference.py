@@ -2,8 +2,8 @@
 ``fusedaccum.kernels``, same results within the tolerance table in the README, and the
 oracle of the tests. It runs on any device, with no host synchronisation: on other devices
 every decision is taken on the device; on the CPU, where the data already is on the host, it
-reads two of its own values (whether the 2-norm's fast path is in range, whether to skip the
-write) to spare a pass, which is no synchronisation.
+reads three of its own values (whether the 2-norm's fast path is in range, whether inv_scale
+is infinite, whether to skip the write) to spare a pass, which is no synchronisation.
 
 Inputs are validated by ``fusedaccum.ops`` before they get here.
 """
@@ -154,32 +154,64 @@ def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
     return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
 
 
+def _p_sum(t: torch.Tensor, m: torch.Tensor, p: float) -> torch.Tensor:
+    """Σ(t/m)^p (fp64) for t = |x| >= 0 with max m: every term <= 1, the largest exactly 1, so
+    no p overflows it (p = 150) and no small term underflows where it counts (subnormal x at
+    p = 12). p > 1: in fp32 in t itself (what underflows there is below 2^-149 of the largest
+    term); p < 1: in fp64, where t/m = 1e-80 (80 decades) still adds 1e-8 at p = 0.1. 0 when
+    m is 0. t is overwritten."""
+    if p > 1:
+        total = t.div_(m).pow_(p).sum().double()  # torch.sum adds pairwise on the CPU
+    else:
+        total = t.double().div_(m.double()).pow_(p).sum()
+    return torch.where(m > 0, total, 0.0)
+
+
+def _codes(maxes: torch.Tensor, zeros: torch.Tensor, nonempty: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """The non-finite code of each slot's x * inv (0 finite, 1 inf, 2 NaN) from its max|x|
+    (NaN if x holds one), whether it holds a 0 and whether it holds anything: x * inv is NaN
+    where x is, where inv is, and for 0 * inf; else inf where max|x| * |inv| overflows
+    (fp32 rounding is monotonic)."""
+    y = maxes * inv.abs()
+    code = torch.where(y.isnan() | (zeros & inv.isinf()), 2.0, torch.where(y.isinf(), 1.0, 0.0))
+    return torch.where(nonempty, code, 0.0)
+
+
 def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float, *,
                   out: "list[torch.Tensor] | None" = None) -> torch.Tensor:
     """Phase 1, one read pass: the fp32 partials ``[5, len(buckets)]`` (rows ``ROW_*``, as the
     Triton kernels'), one slot per bucket, whatever its values. The scaled path: per
-    cache-sized piece its max|x| m, e = _scale_exponent(m), Σ|x·2^-e|^p summed pairwise in fp32
-    (accurate), the pieces folded in fp64 at the largest e; the CPU fast path for the 2-norm:
-    e = 0. ``out``: where the results
-    go (their dtypes set the overflow-on-store limits); None: in place."""
+    cache-sized piece its max|x| m; p = 1, 2: e = _scale_exponent(m), Σ|x·2^-e|^p summed
+    pairwise in fp32 (accurate), the pieces folded in fp64 at the largest e; other p:
+    Σ(|x|/m)^p in fp64, folded at the largest m. The CPU fast path for the 2-norm: e = 0.
+    ``out``: where the results go (their dtypes set the overflow-on-store limits); None: in
+    place."""
     device = buckets[0].device
-    inv = _inv(inv_scale, device).abs()
-    cols = []  # per bucket: (sum, exponent, max|x| or None when not needed)
+    inv = _inv(inv_scale, device)
+    # Whether x * inv can be 0 * inf: only then a bucket's min|x| matters. On the CPU the
+    # host knows; elsewhere min|x| is taken with the max (aminmax, the same pass).
+    host = _reads_host(device)
+    need_min = not host or math.isinf(float(inv))
+    cols = []  # per bucket: (sum, exponent, max|x| or None when not needed, holds a zero)
     limits = []
     scratch = torch.empty(0, dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    general = not (math.isinf(norm_type) or norm_type in (1.0, 2.0))
     for i, b in enumerate(buckets):
         limit = store_limit((b if out is None else out[i]).dtype)
         limits.append(limit)
-        fast = _fast_sum_of_squares(b) if norm_type == 2.0 and b.numel() and _reads_host(device) else None
+        fast = (_fast_sum_of_squares(b) if norm_type == 2.0 and b.numel() and host and not need_min
+                and math.isfinite(float(inv)) else None)
         if b.numel() == 0:
-            cols.append((zero, zero - 126, zero))  # an empty slot: every bucket has one
+            cols.append((zero, zero - 126, zero, no))  # an empty slot: every bucket has one
         elif fast is not None:
             # max|x| only where a store can overflow (an extra pass, for narrow dtypes only).
-            cols.append((fast.float(), zero, None if math.isinf(limit) else _max_abs(b)))
+            # In range, every x is finite and no 0 * inf can occur (inv is finite).
+            cols.append((fast.float(), zero, None if math.isinf(limit) else _max_abs(b), no))
         else:
-            sums, exps, maxes = [], [], []
+            sums, exps, maxes, zeros = [], [], [], []
             for piece in _pieces(b):
                 # |x| in a cached fp32 scratch; its max; then scaled by 2**-e and summed there.
                 t = scratch.resize_(piece.stop - piece.start)
@@ -187,51 +219,76 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
                     torch.abs(b[piece], out=t)
                 else:
                     t.copy_(b[piece]).abs_()  # abs(out=) wants out in b's dtype
-                m = t.amax()
+                if need_min:
+                    lo, m = torch.aminmax(t)
+                    zeros.append(lo == 0)
+                else:
+                    m = t.amax()
                 maxes.append(m)
                 if math.isinf(norm_type):
+                    continue
+                if general:
+                    sums.append(_p_sum(t, m, norm_type))
                     continue
                 e = _scale_exponent(m)
                 t.mul_(torch.ldexp(one, -e))
                 if norm_type == 2.0:
                     t.square_()
-                elif norm_type != 1.0:
-                    t.pow_(norm_type)
                 sums.append(t.sum())  # torch.sum adds pairwise on the CPU
                 exps.append(e)
             m = torch.stack(maxes).max()
+            has_zero = torch.stack(zeros).any() if zeros else no
             if math.isinf(norm_type):
-                cols.append((m, zero, m))
+                cols.append((m, zero, m, has_zero))
+                continue
+            if general:
+                # The pieces' sums brought to the bucket's max: Σ_j S_j · (m_j / m)^p, in fp64.
+                ms = torch.stack(maxes).double()
+                total = (torch.stack(sums) * torch.where(ms > 0, ms / m.double(), 0.0).pow(norm_type)).sum()
+                cols.append((total.float(), zero, m, has_zero))
                 continue
             # The pieces folded into the bucket's one slot, at the largest piece's exponent.
             e = torch.stack(exps).double()
             e_top = e.max()
             total = (torch.stack(sums).double() * torch.exp2(norm_type * (e - e_top))).sum()
-            cols.append((total.float(), e_top.float(), m))
+            cols.append((total.float(), e_top.float(), m, has_zero))
     sums = torch.stack([c[0] for c in cols])
     maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
-    # max|x * inv| = max|x| * |inv| (fp32 rounding is monotonic). Where max|x| is not taken
-    # (fast path, fp32 result), the finalize's check of the norm, which bounds every |x * inv|,
-    # finds the same steps.
-    y = maxes * inv
-    code = torch.where(y.isnan(), 2.0, torch.where(y.isinf(), 1.0, 0.0))
-    code = torch.where(sums.isnan(), 2.0, torch.maximum(code, sums.isinf().float()))
+    # Where max|x| is not taken (fast path, fp32 result), every x is finite and at most
+    # 2**50: the finalize's check of the norm, which bounds every |x * inv|, finds the same
+    # steps, so 1 stands in for it here.
+    present = torch.stack([one if c[2] is None else c[2] for c in cols])
+    nonempty = torch.stack([one if b.numel() else zero for b in buckets]) > 0  # fills, not a host copy
+    # From max|x| alone, not from the sums: inf / inf in Σ(|x|/m)^p is NaN for an inf x.
+    code = _codes(present, torch.stack([c[3] for c in cols]), nonempty, inv)
     limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
     return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, limits])
 
 
 def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",
              norm_type: float, eps: float) -> torch.Tensor:
-    """Phase 2: the fp32 ``stats`` ``[total_norm, found_inf, coef]`` from the partials (of one
-    or of several ranks, concatenated along the slots)."""
+    """Phase 2: the fp32 ``stats`` ``[total_norm, found_inf, coef, store_overflow]`` from the
+    partials (of one or of several ranks, concatenated along the slots); ``store_overflow``
+    is 1.0 when found_inf comes from an overflow on store alone (every value finite)."""
     device = partials.device
     inv = _inv(inv_scale, device)
     sums, exps, code, maxes, limits = partials.unbind(0)
     zero = torch.zeros((), dtype=torch.float32, device=device)
+    a_inv = inv.abs().double()
     if sums.numel() == 0:
-        norm, worst = zero * inv.abs(), zero
+        root, norm, worst = zero.double(), zero.double(), zero
     elif math.isinf(norm_type):
-        norm, worst = sums.max() * inv.abs(), code.max()
+        root = sums.max().double()
+        norm, worst = root * a_inv, code.max()
+    elif norm_type not in (1.0, 2.0):
+        worst = code.max()
+        # Each slot is S·m^p: brought to the largest m and added in fp64; then the norm in the
+        # log domain, log2(norm) = log2(Σ)/p + log2(m) + log2|inv|: the root Σ^(1/p) alone
+        # overflows for p < 1 while the norm does not.
+        m = maxes.double()
+        m_ref = m.max()
+        root = (sums.double() * torch.where(m > 0, m / m_ref, 0.0).pow(norm_type)).sum()
+        norm = torch.exp2(torch.log2(root) / norm_type + torch.log2(m_ref) + torch.log2(a_inv))
     else:
         worst = code.max()
         # The slots brought to a common power of two and added in fp64; then the root, and
@@ -240,8 +297,11 @@ def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm
         e = exps.double()
         e_ref = e.max()
         total = (sums.double() * torch.exp2(norm_type * (e - e_ref))).sum()
-        root = total if norm_type == 1.0 else total.sqrt() if norm_type == 2.0 else total.pow(1.0 / norm_type)
-        norm = (root * torch.exp2(e_ref) * inv.abs().double()).float()
+        root = total if norm_type == 1.0 else total.sqrt()
+        norm = root * (torch.exp2(e_ref) * a_inv)
+    # No elements, or all zero: 0 whatever inv (an inf inv_scale is caught below); an inf or
+    # NaN x * inv_scale (e.g. 0 * inf) sets the code instead.
+    norm = torch.where(root == 0, 0.0, norm).float()
     norm = torch.where(worst == 2.0, math.nan, torch.where(worst == 1.0, math.inf, norm))
     if max_norm is None:
         coef = inv.clone()
@@ -252,8 +312,11 @@ def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm
     # Overflow on store: a slot's largest |x * coef| (fp32 rounding is monotonic) at or above
     # the limit of the dtype it is stored in becomes inf there.
     overflow = (maxes * coef.abs() >= limits).any() if maxes.numel() else zero > 0
-    found_inf = ((worst > 0) | ~torch.isfinite(norm) | overflow).to(torch.float32)
-    return torch.stack([norm, found_inf, coef])
+    # Non-finite (a smaller loss scale cures it) or an overflow on store alone (it cannot).
+    nonfinite = (worst > 0) | ~torch.isfinite(norm) | ~torch.isfinite(inv)
+    found_inf = (nonfinite | overflow).to(torch.float32)
+    store_only = (overflow & ~nonfinite).to(torch.float32)
+    return torch.stack([norm, found_inf, coef, store_only])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -310,7 +373,7 @@ def unscale_clip_(
     out: "list[torch.Tensor] | None",
     skip_if_nonfinite: bool,
 ) -> torch.Tensor:
-    """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef]``."""
+    """Returns the fp32 ``stats`` tensor ``[total_norm, found_inf, coef, store_overflow]``."""
     partials = norm_partials(buckets, inv_scale, norm_type, out=out)
     stats = finalize(partials, inv_scale, max_norm, norm_type, eps)
     apply(buckets, stats, out, skip_if_nonfinite)

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from ._store_watch import StoreOverflowWatch
+
 __all__ = ["LossScaler"]
 
 # GradScaler.state_dict()'s keys, in its order.
@@ -81,6 +83,7 @@ class LossScaler:
         self._init_growth_tracker = 0
         self._scale: "torch.Tensor | None" = None
         self._growth_tracker: "torch.Tensor | None" = None
+        self._store_watch = StoreOverflowWatch()
 
     # ------------------------------------------------------------------ device state
     def _lazy_init(self, device: torch.device) -> None:
@@ -122,10 +125,16 @@ class LossScaler:
             return 1.0
         return self._init_scale if self._scale is None else float(self._scale.item())
 
-    def update(self, found_inf) -> None:
+    def update(self, found_inf, store_overflow=None) -> None:
         """Back off or grow the scale after one optimizer step, on the device (no host sync).
 
         ``found_inf``: 0-d tensor (nonzero: the step found inf/NaN and was skipped), or a bool.
+        ``store_overflow``: None, or a 0-d tensor (the fused pass's ``stats[3]``, which
+        ``GradAccumulator`` passes), nonzero when the skip came from an overflow on store
+        alone: every value was finite, but the unscaled gradient exceeds the dtype it is
+        stored in (fp16). A smaller scale cannot cure that, so the scale and the growth
+        tracker are kept; after a few such windows in a row a ``RuntimeWarning`` says so
+        (read without a sync: ``fusedaccum._store_watch``).
         """
         if not self._enabled:
             return
@@ -142,8 +151,18 @@ class LossScaler:
             flag = torch.full((), float(bool(found_inf)), dtype=torch.float32, device=self._scale.device)
         else:
             raise TypeError(f"found_inf must be a tensor or a bool, got {type(found_inf).__name__}")
+        if store_overflow is None:
+            _update_scale_(self._scale, self._growth_tracker, flag, self._growth_factor, self._backoff_factor,
+                           self._growth_interval)
+            return
+        store = store_overflow.detach().reshape(()).to(device=self._scale.device,
+                                                       non_blocking=self._scale.device.type != "cpu") != 0
+        kept = self._scale.clone(), self._growth_tracker.clone()
         _update_scale_(self._scale, self._growth_tracker, flag, self._growth_factor, self._backoff_factor,
                        self._growth_interval)
+        self._scale.copy_(torch.where(store, kept[0], self._scale))
+        self._growth_tracker.copy_(torch.where(store, kept[1], self._growth_tracker))
+        self._store_watch.note(store)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

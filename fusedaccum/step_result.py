@@ -14,9 +14,15 @@ class StepResult:
     """What ``GradAccumulator.step`` returns at a window boundary.
 
     total_norm: 0-d fp32 device tensor, the global ``norm_type``-norm of the window's
-        normalized, unscaled gradient before clipping (inf/NaN when ``found_inf``).
-    found_inf: 0-d fp32 device tensor, 1.0 when the gradient held inf/NaN and the optimizer
-        step was skipped, else 0.0.
+        normalized, unscaled gradient before clipping: NaN when an element of it is NaN
+        (also 0 * inf: a zero sum in a window of 0 items, whose inverse count is inf), else
+        inf when one is inf or the norm exceeds fp32. It is finite on a step skipped for an
+        overflow on store alone.
+    found_inf: 0-d fp32 device tensor, 1.0 when the optimizer step was skipped, else 0.0:
+        skipped when ``total_norm`` is inf/NaN, when the window holds 0 items or fewer, or on
+        an overflow on store (the processed gradient, finite in fp32, would round to inf in
+        its fp16/bf16 ``param.grad``; a ``LossScaler`` keeps its scale then, and warns when
+        it repeats). docs/numerics.md, "found_inf".
     micro_batches: how many micro-batches the window accumulated (on this rank).
     num_items: the window's total items (int, float or 0-d device tensor), or None when the
         window was normalized by ``micro_batches``. Data parallel: the total over all ranks

@@ -20,18 +20,25 @@ import triton
 import triton.language as tl
 
 from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._exponents import log2_split, pow2, scale_exponent
 from ._tile import load_tile, store_tile, to_f32
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
 FINALIZE_BLOCK = 1024
 # Rows of the partials, one column (slot) per program. Every row folds across slots, so the
 # partials of several ranks concatenated along the slots finalize to the global result.
-# ROW_SUM: Σ|x·2^-e|^p (max|x| for the inf-norm); ROW_EXP: that e (an integer), so tiny and
-# huge values stay in the fp32 range; ROW_BAD: the non-finite code of x·inv_scale (0 finite,
-# 1 inf, 2 NaN); ROW_MAX: max|x|; ROW_LIMIT: store_limit of the dtype the slot's result is
-# stored in. The reference fills the same rows (its ROW_MAX may be 0 where the limit is inf).
+# ROW_SUM: p = 1, 2: Σ|x·2^-e|^p; other p: Σ(|x|/m)^p, m = max|x| (every term <= 1 and the
+# largest exactly 1, so no p overflows or loses the sum); the inf-norm: m. ROW_EXP: p = 1, 2:
+# that e (an integer), so tiny and huge values stay in the fp32 range; else 0. ROW_BAD: the
+# non-finite code of x·inv_scale (0 finite, 1 inf, 2 NaN); ROW_MAX: m; ROW_LIMIT: store_limit
+# of the dtype the slot's result is stored in. The reference fills the same rows (its ROW_MAX
+# may be 0 where p = 2 and the limit is inf).
 ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = (tl.constexpr(i) for i in range(5))
 NUM_ROWS = 5
+# The finalize's stats: total_norm, found_inf, coef, and 1.0 when found_inf comes from an
+# overflow on store alone (every value finite; the unscaled gradient too large for its dtype:
+# no loss scale cures that, so a scaler must not back off for it).
+STATS_SIZE = 4
 
 
 def norm_kind(norm_type: float) -> int:
@@ -50,41 +57,39 @@ def store_limit(dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _pow2(e):
-    """2**e as fp32, exactly, for integer e in [-126, 127] (built from the exponent bits)."""
-    return ((e + 127).to(tl.int32) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _scale_exponent(m):
-    """The power of two a slot's sum is kept relative to: floor(log2(m)) of its largest |x|,
-    clamped to [-126, 126] so that 2**-e is a normal fp32 number. Bit arithmetic, exact."""
-    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    return tl.minimum(tl.maximum(biased - 127, -126), 126)
-
-
-@triton.jit
 def _norm_tile(x_ptr, offs, n, inv, acc, bad, m, e, p, NORM_KIND: tl.constexpr, FULL: tl.constexpr):
     x = to_f32(load_tile(x_ptr, offs, n, FULL))
     # The flag looks at the unscaled value; the norm sums the raw one and the finalize
     # multiplies by |inv|, as the reference does.
     y = x * inv
-    bad = tl.maximum(bad, tl.where(y != y, 2.0, tl.where(tl.abs(y) == float("inf"), 1.0, 0.0)))
+    code = tl.where(y != y, 2.0, tl.where(tl.abs(y) == float("inf"), 1.0, 0.0))
+    if not FULL:
+        code = tl.where(offs < n, code, 0.0)  # a masked lane's 0 * inf is not the bucket's NaN
+    bad = tl.maximum(bad, code)
     a = tl.abs(x)
     if NORM_KIND == 0:
         acc = tl.maximum(acc, a)
     else:
-        # Sum |x * 2**-e|^p, e from the running maximum (LAPACK nrm2's idea, per tile): no
-        # underflow of tiny values, no overflow of huge ones. A new maximum rescales the sum.
+        # Relative to the running maximum m (LAPACK nrm2's idea, per tile): no underflow of
+        # tiny values, no overflow of huge ones. A new maximum rescales the sum.
         m_new = tl.maximum(m, tl.max(a, axis=0))
-        e_new = _scale_exponent(m_new)
-        s = a * _pow2(-e_new)
-        if NORM_KIND == 1:
-            acc = acc * _pow2(tl.maximum(e - e_new, -126)) + s
-        elif NORM_KIND == 2:
-            acc = acc * _pow2(tl.maximum(2 * (e - e_new), -126)) + s * s
+        if NORM_KIND == 3:
+            # (|x| / m)^p = 2**(p * (log2|x| - log2 m)), the logs split into exact exponents
+            # and mantissa logs: terms <= 1 for any p (no overflow at p = 150), the largest
+            # exactly 1, and none lost to an underflowing |x| * 2**-e (p = 0.1 over 80 decades).
+            ex, fx = log2_split(a)
+            e_new, f_new = log2_split(m_new)
+            f = log2_split(m)[1]
+            term = tl.exp2(p * (ex - e_new).to(tl.float32) + p * (fx - f_new))
+            acc = acc * tl.exp2(p * (e - e_new).to(tl.float32) + p * (f - f_new)) + tl.where(a > 0.0, term, 0.0)
         else:
-            acc = acc * tl.exp2(p * (e - e_new).to(tl.float32)) + tl.exp2(p * tl.log2(s))
+            # |x * 2**-e|^p, e = floor(log2 m): terms in [0, 4), exact powers of two.
+            e_new = scale_exponent(m_new)
+            s = a * pow2(-e_new)
+            if NORM_KIND == 1:
+                acc = acc * pow2(tl.maximum(e - e_new, -126)) + s
+            else:
+                acc = acc * pow2(tl.maximum(2 * (e - e_new), -126)) + s * s
         m = m_new
         e = e_new
     return acc, bad, m, e
@@ -117,7 +122,10 @@ def norm_partials_kernel(
     # inf because max() does not propagate NaN on the GPU, yet torch's inf-norm does.
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     m = tl.zeros([], dtype=tl.float32)  # running max|x| (finite-p kinds)
-    e = _scale_exponent(m)
+    if NORM_KIND == 3:
+        e = log2_split(m)[0]  # its exponent; the mantissa's log is recomputed from m
+    else:
+        e = scale_exponent(m)
     for i in range(tiles_per_program):
         start = (i * num_programs + pid).to(tl.int64) * BLOCK
         offs = start + tl.arange(0, BLOCK)
@@ -129,8 +137,11 @@ def norm_partials_kernel(
         m = tl.max(acc, axis=0)
         part = m
         e = tl.zeros([], dtype=tl.int32)  # the max is kept as it is
+    elif NORM_KIND == 3:
+        part = tl.sum(acc, axis=0)  # relative to m**p; the finalize takes m from ROW_MAX
+        e = tl.zeros([], dtype=tl.int32)
     else:
-        part = tl.sum(acc, axis=0)  # relative to 2**_scale_exponent(m)
+        part = tl.sum(acc, axis=0)  # relative to 2**scale_exponent(m)
     slot = partials_ptr + slot_base + pid
     tl.store(slot + ROW_SUM * num_slots, part)
     tl.store(slot + ROW_EXP * num_slots, e.to(tl.float32))
@@ -143,7 +154,7 @@ def norm_partials_kernel(
 def finalize_kernel(
     partials_ptr,  # *fp32 [NUM_ROWS, num_slots], from norm_partials_kernel (of one or several ranks)
     num_slots,
-    stats_ptr,  # *fp32 [3] out: total norm, found_inf (0/1), coef
+    stats_ptr,  # *fp32 [STATS_SIZE] out: total norm, found_inf (0/1), coef, store overflow alone (0/1)
     inv_ptr,
     inv_value,
     max_norm,  # fp32, used when HAS_MAX_NORM
@@ -158,19 +169,38 @@ def finalize_kernel(
         inv = tl.load(inv_ptr).to(tl.float32)
     else:
         inv = inv_value
-    # Pass 1: the largest sum (inf-norm) and scale exponent, the worst non-finite code.
+    # Pass 1: the largest sum (inf-norm), scale exponent and max|x|, the worst non-finite code.
     top = tl.zeros([BLOCK], dtype=tl.float32)
     e_top = tl.full([BLOCK], -126.0, dtype=tl.float32)
+    m_top = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, num_slots, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < num_slots
         top = tl.maximum(top, tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0))
         e_top = tl.maximum(e_top, tl.load(partials_ptr + ROW_EXP * num_slots + offs, mask=mask, other=-126.0))
+        m_top = tl.maximum(m_top, tl.load(partials_ptr + ROW_MAX * num_slots + offs, mask=mask, other=0.0))
         bad = tl.maximum(bad, tl.load(partials_ptr + ROW_BAD * num_slots + offs, mask=mask, other=0.0))
     worst = tl.max(bad, axis=0)
+    a_inv = tl.abs(inv).to(tl.float64)
     if NORM_KIND == 0:
-        norm = tl.max(top, axis=0) * tl.abs(inv)
+        root = tl.max(top, axis=0).to(tl.float64)
+        norm = root * a_inv
+    elif NORM_KIND == 3:
+        # Each slot is S·m^p: brought to the largest m and added in fp64, then the norm in
+        # the log domain, log2(norm) = log2(Σ)/p + log2(m) + log2|inv|: the root Σ^(1/p)
+        # alone overflows for p < 1 (20,000 terms at p = 0.1: 1e43) while the norm does not.
+        m_ref = tl.max(m_top, axis=0).to(tl.float64)
+        l_ref = tl.log2(m_ref)
+        total = tl.zeros([BLOCK], dtype=tl.float64)
+        for start in range(0, num_slots, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < num_slots
+            v = tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0).to(tl.float64)
+            m = tl.load(partials_ptr + ROW_MAX * num_slots + offs, mask=mask, other=0.0).to(tl.float64)
+            total += tl.where(m > 0.0, v * tl.exp2(p * (tl.log2(m) - l_ref)), 0.0)
+        root = tl.sum(total, axis=0)
+        norm = tl.exp2(tl.log2(root) / p + l_ref + tl.log2(a_inv))
     else:
         # Pass 2: the slots' sums brought to the common exponent and added in fp64 (a single
         # program: it costs nothing and keeps the total accurate for any number of slots).
@@ -182,23 +212,21 @@ def finalize_kernel(
             v = tl.load(partials_ptr + ROW_SUM * num_slots + offs, mask=mask, other=0.0)
             d = tl.load(partials_ptr + ROW_EXP * num_slots + offs, mask=mask, other=-126.0).to(tl.int32) - e_ref
             if NORM_KIND == 1:
-                f = _pow2(tl.maximum(d, -126))
-            elif NORM_KIND == 2:
-                f = _pow2(tl.maximum(2 * d, -126))
+                f = pow2(tl.maximum(d, -126))
             else:
-                f = tl.exp2(p * d.to(tl.float32))
+                f = pow2(tl.maximum(2 * d, -126))
             total += (v * f).to(tl.float64)
-        s = tl.sum(total, axis=0).to(tl.float32)  # in range: every term is <= the reference slot's
+        s = tl.sum(total, axis=0).to(tl.float32)  # in range: every term is <= 4
         if NORM_KIND == 1:
             root = s
-        elif NORM_KIND == 2:
-            root = tl.sqrt(s)
         else:
-            root = tl.exp2(tl.log2(s) / p)
+            root = tl.sqrt(s)
         # ||x * inv|| = root * 2**e_ref * |inv|, in fp64: root * 2**e_ref alone may exceed
         # fp32 while the unscaled norm does not.
-        scale = _pow2(e_ref).to(tl.float64) * tl.abs(inv).to(tl.float64)
-        norm = (root.to(tl.float64) * scale).to(tl.float32)
+        norm = root.to(tl.float64) * (pow2(e_ref).to(tl.float64) * a_inv)
+    # No elements, or all zero: 0 whatever inv (an inf inv_scale is caught below); an inf
+    # or NaN x * inv_scale (e.g. 0 * inf) sets the code instead.
+    norm = tl.where(root == 0.0, 0.0, norm).to(tl.float32)
     norm = tl.where(worst == 2.0, float("nan"), tl.where(worst == 1.0, float("inf"), norm))
     if HAS_MAX_NORM:
         ratio = max_norm / (norm + eps)
@@ -219,11 +247,16 @@ def finalize_kernel(
         lim = tl.load(partials_ptr + ROW_LIMIT * num_slots + offs, mask=mask, other=float("inf"))
         over = tl.maximum(over, (m * tl.abs(coef) >= lim).to(tl.int32))
     overflow = tl.max(over, axis=0) > 0
-    # A norm that overflows fp32 counts as non-finite too.
-    found_inf = tl.where((worst > 0.0) | (norm != norm) | (norm == float("inf")) | overflow, 1.0, 0.0)
+    # Non-finite: an inf/NaN inv_scale or x * inv_scale, or a norm beyond fp32. A smaller loss
+    # scale cures these (the scaled sums overflowed); not an overflow on store alone, where
+    # every value is finite but the unscaled gradient is too large for its dtype.
+    nonfinite = (worst > 0.0) | (norm != norm) | (norm == float("inf")) | (inv != inv) | (tl.abs(inv) == float("inf"))
+    found_inf = tl.where(nonfinite | overflow, 1.0, 0.0)
+    store_only = tl.where(nonfinite, 0.0, tl.where(overflow, 1.0, 0.0))
     tl.store(stats_ptr + 0, norm)
     tl.store(stats_ptr + 1, found_inf)
     tl.store(stats_ptr + 2, coef)
+    tl.store(stats_ptr + 3, store_only)
 
 
 @triton.jit
@@ -236,7 +269,7 @@ def _apply_tile(src_ptr, dst_ptr, offs, limit, coef, FULL: tl.constexpr):
 def apply_kernel(
     src_ptr,  # *fp32|bf16|fp16 [n]: bucket to read
     dst_ptr,  # *fp32|bf16|fp16 [n]: where src * coef goes (may be src itself)
-    stats_ptr,  # *fp32 [3]: from finalize_kernel; [1] found_inf, [2] coef
+    stats_ptr,  # *fp32 [STATS_SIZE]: from finalize_kernel; [1] found_inf, [2] coef
     n,
     tiles_per_program,
     SKIP_IF_NONFINITE: tl.constexpr,
@@ -312,7 +345,8 @@ def finalize(
     norm_type: float,
     eps: float,
 ) -> torch.Tensor:
-    """Phase 2, one program: the fp32 ``stats`` ``[total_norm, found_inf, coef]``."""
+    """Phase 2, one program: the fp32 ``stats`` ``[total_norm, found_inf, coef, store_overflow]``
+    (the last: 1.0 when found_inf comes from an overflow on store alone, see STATS_SIZE)."""
     kind = norm_kind(norm_type)
     p = 0.0 if kind == NORM_INF else float(norm_type)
     if partials.shape[-1] == 0:
@@ -321,7 +355,7 @@ def finalize(
         partials[ROW_EXP.value].fill_(-126.0)
         partials[ROW_LIMIT.value].fill_(math.inf)
     partials = partials.contiguous()
-    stats = torch.empty(3, dtype=torch.float32, device=partials.device)
+    stats = torch.empty(STATS_SIZE, dtype=torch.float32, device=partials.device)
     inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, stats)
     # Grid: a single program folds all slots.
     finalize_kernel[(1,)](
@@ -365,7 +399,7 @@ def unscale_clip_(
     max_programs: int = MAX_PROGRAMS,
 ) -> torch.Tensor:
     """Launch helper; inputs are validated by ``fusedaccum.ops``. Returns the fp32 ``stats``
-    tensor ``[total_norm, found_inf, coef]`` on the buckets' device."""
+    tensor ``[total_norm, found_inf, coef, store_overflow]`` on the buckets' device."""
     partials = norm_partials(buckets, inv_scale, norm_type, out=out, max_programs=max_programs)
     stats = finalize(partials, inv_scale, max_norm, norm_type, eps)
     apply(buckets, stats, out, skip_if_nonfinite, max_programs=max_programs)

@@ -215,8 +215,8 @@ def test_accumulator_state_machine():
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_processed_gradient_that_overflows_the_param_dtype_is_skipped(backend, device, micro_batches):
     """Item 1, the issue's repro: d loss/d p = 1e5 with scale 0.25 lands as 25000 (finite in
-    fp16); the processed gradient 1e5 is not, so the step is skipped and the scale backs off
-    (before: found_inf 0, param.grad inf, parameters -inf). With two micro-batches of items 1
+    fp16); the processed gradient 1e5 is not, so the step is skipped and the scale is kept: no
+    scale cures an overflow on store (issue 17; before: found_inf 0, param.grad inf, parameters -inf). With two micro-batches of items 1
     each the window's sum 2e5 / 2 overflows alike."""
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16, device=device))
     opt = torch.optim.SGD([p], lr=1e-6)
@@ -226,7 +226,7 @@ def test_processed_gradient_that_overflows_the_param_dtype_is_skipped(backend, d
     result = acc.step(opt)
     assert float(result.found_inf) == 1.0 and math.isfinite(float(result.total_norm))
     assert torch.equal(p.detach(), torch.zeros(4, dtype=torch.float16, device=device))
-    assert acc.scaler.get_scale() == 0.125
+    assert acc.scaler.get_scale() == 0.25
     # The same gradient at half the size steps.
     for _ in range(micro_batches):
         acc.backward((torch.full((4,), 5e4, device=device) * p.float()).sum(), num_items=1)

@@ -510,4 +510,4 @@ def test_number_of_slots_depends_on_sizes_only(backend, device, p):
         shapes.add(tuple(impl.norm_partials(buckets, 1.0, p).shape))
     assert len(shapes) == 1, shapes
     empty_only = impl.finalize(impl.norm_partials([torch.empty(0, device=device)], 1.0, p), 1.0, 1.0, p, 1e-6)
-    assert empty_only.tolist() == [0.0, 0.0, 1.0]
+    assert empty_only.tolist() == [0.0, 0.0, 1.0, 0.0]
