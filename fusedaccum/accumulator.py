@@ -42,6 +42,7 @@ from .buckets import GradBuckets
 from .guards import WindowGuard
 from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, sq_slots
 from .parallel import Window, engine_for
+from ._store_watch import StoreOverflowWatch
 from .scaler import LossScaler, inv_scale, window_scale
 from .step_result import StepResult
 
@@ -132,6 +133,7 @@ class GradAccumulator:
         self._outs = None if all(b.landing is None for b in self.buckets) else [
             b.accum if b.landing is None else b.landing for b in self.buckets]
         self._lowp = [b for b in self.buckets if b.landing is not None]
+        self._store_watch = StoreOverflowWatch()  # store-overflow skips in a row, without a scaler
         self._optimizers_checked = _optim.OptimizerMemo()
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
@@ -338,6 +340,8 @@ class GradAccumulator:
             _optim.optimizer_step(optimizer, found_inf)
         if self._scale_active():
             self.scaler.update(found_inf, store_overflow=stats[3])
+        elif self._lowp:  # no scaler: the same warning for a window that can never fit its fp16/bf16 gradient
+            self._store_watch.note(stats[3] != 0)
         loss, noise, items_per_micro = signals
         micro = self._win.micro
         self._reset_window()

@@ -242,3 +242,21 @@ def test_store_overflow_watch_on_an_accelerator_never_waits(monkeypatch):
     assert _store_windows(ls, ["store"]) == [] and len(reads) == 1
     assert len(_store_windows(ls, ["store"])) == 1 and len(reads) == 2  # ...which warns a window later
     assert ls.get_scale() == 0.25
+
+
+def test_store_overflow_without_a_scaler_warns(backend, device):
+    """fp16 parameters, no LossScaler: a window whose normalized gradient (1.2e5) exceeds fp16
+    is skipped every time; without a scaler there was no word at all."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float16, device=device))
+    acc = GradAccumulator([w], accumulation_steps=2)
+    opt = torch.optim.SGD([w], lr=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            acc.backward((w.float() * 6e4).sum(), num_items=1)  # each micro-batch's gradient fits fp16
+            acc.backward((w.float() * 6e4).sum(), num_items=0)
+            assert float(acc.step(opt).found_inf) == 1.0
+    acc.release()
+    assert torch.equal(w.detach(), torch.ones(4, dtype=torch.float16, device=device))
+    store = [str(c.message) for c in caught if "overflow on store" in str(c.message)]
+    assert len(store) == 1 and "max_norm < 65504" in store[0]
