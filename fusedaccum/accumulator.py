@@ -20,6 +20,7 @@ Bucket life cycle (``b`` one ``GradBuckets`` bucket):
                                          overwrite=<first micro-batch>)   one pass; the
                              overwrite makes the reset of b.accum free (no zero pass)
         step:     b.landing = b.accum * coef           -> param.grad = processed gradient
+    bf16/fp16 direct (grad_dtype; not FSDP2/noise_scale): as fp32, step into a transient bf16/fp16 out
 
 The only host sync on the step path is ``found_inf.item()`` for optimizers without the
 fused AMP contract (one per optimizer step); see ``GradAccumulator.step``.
@@ -120,7 +121,7 @@ class GradAccumulator:
                                   [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
                                   {"fsdp_sync": fsdp_sync, "noise_scale": noise_settings is not None})
 
-        self.buckets = GradBuckets(params, accum_dtype=accum_dtype)
+        self.buckets = GradBuckets(params, accum_dtype=accum_dtype, direct=None if noise_settings is None else False)
         self._k = accumulation_steps
         self.max_norm = max_norm
         self.norm_type = norm_type
@@ -129,9 +130,6 @@ class GradAccumulator:
         self._module = module
         self._param_ids = {id(p) for p in self.buckets.params}
         self._accums = [b.accum for b in self.buckets]
-        # Where the processed gradient goes: in place for fp32, the landing bucket otherwise.
-        self._outs = None if all(b.landing is None for b in self.buckets) else [
-            b.accum if b.landing is None else b.landing for b in self.buckets]
         self._lowp = [b for b in self.buckets if b.landing is not None]
         self._store_watch = StoreOverflowWatch()  # store-overflow skips in a row, without a scaler
         self._optimizers_checked = _optim.OptimizerMemo()
@@ -227,6 +225,8 @@ class GradAccumulator:
         self._guard.check_released("acc.accumulate()")
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
+        if not self.window_open() and not self._parts:
+            self.buckets.end_step()  # before the forward: direct buckets' step buffers are freed
         last = self._win.micro + 1 >= self.accumulation_steps
         sync = last and _signals.wrapper_may_sync(self._signals.tracker, self._k, self._engine) if sync is None else sync
         # Whether a wrapper (DDP) reduces in this backward: its buckets are then no small batch.
@@ -375,7 +375,7 @@ class GradAccumulator:
         self.buckets.attach()
         scale = self._win_scale
         stats = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self._outs, reduce_partials=self._engine.reduce_partials)
+                                    out=self.buckets.step_outputs(), reduce_partials=self._engine.reduce_partials)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
         # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)
         sums = win.sums(self._signals.local_loss(self.device).reshape(1)) if lean else win.signals[:4]

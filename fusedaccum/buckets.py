@@ -19,6 +19,13 @@ _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", object)
 
 
+def grad_dtype_supported() -> bool:
+    """Whether this torch lets a parameter's ``.grad`` have another dtype than the parameter
+    (``Tensor.grad_dtype``, torch 2.13): bf16/fp16 gradients can then be fp32 bucket views.
+    Detected by the feature, not the version string."""
+    return hasattr(torch.Tensor, "grad_dtype")
+
+
 class _Reattach:
     """The post-accumulate-grad hooks' shared state. It holds no reference to the GradBuckets
     (the hooks live on the parameters, and must not keep it alive)."""
@@ -88,6 +95,20 @@ def _local(p: torch.Tensor, dtensor) -> torch.Tensor:
     return p._local_tensor if dtensor is not None and isinstance(p, dtensor) else p
 
 
+def _view_of(flat: torch.Tensor, off: int, p: torch.Tensor, dtensor) -> torch.Tensor:
+    """``p``'s gradient as a view of ``flat`` from ``off``."""
+    local = _local(p, dtensor)
+    view = flat[off:off + local.numel()]
+    # The parameter's own strides (channels_last, a transpose) where they are
+    # dense: autograd and DDP expect a gradient laid out like its parameter.
+    view = view.as_strided(local.shape, local.stride()) if _dense_layout(local) else view.view(local.shape)
+    if local is not p:
+        # FSDP2 adds each reduce-scattered shard into grad._local_tensor in place.
+        view = dtensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                  run_check=False)
+    return view
+
+
 @dataclass(eq=False)
 class Bucket:
     """The parameters of one device and dtype, and their flat gradient storage.
@@ -96,7 +117,10 @@ class Bucket:
     parameter). ``accum`` is the fp32 accumulation buffer. For fp32 parameters it is also where the
     gradients land (``param.grad`` are views into it, and autograd accumulates in place).
     For bf16/fp16 parameters the gradients land in ``landing`` (parameter dtype), which the
-    accumulate kernel folds into ``accum``.
+    accumulate kernel folds into ``accum``; or, ``direct``, straight in ``accum`` as for fp32
+    (``param.grad_dtype`` is None, autograd adds the bf16 gradient into the fp32 view), and
+    the step rounds the processed gradient into ``step_out`` (parameter dtype), which exists
+    from the step until the next window starts.
     """
 
     device: torch.device
@@ -107,6 +131,10 @@ class Bucket:
     accum: torch.Tensor = None
     landing: "torch.Tensor | None" = None
     views: list = field(default_factory=list)
+    direct: bool = False
+    step_out: "torch.Tensor | None" = None
+    step_views: list = field(default_factory=list)
+    grad_dtypes: list = field(default_factory=list)  # direct: each parameter's grad_dtype before
 
     @property
     def grads(self) -> torch.Tensor:
@@ -133,11 +161,21 @@ class GradBuckets:
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
     removed; each ``param.grad`` still points at its view until replaced).
+
+    ``direct`` (bf16/fp16 parameters): False (default) lands their gradients in a bucket of
+    their dtype, folded into fp32 by ``fold_landing``; True makes their ``.grad`` fp32 views
+    of ``accum`` (``param.grad_dtype = None``), so autograd adds each backward into fp32
+    itself: no landing bucket (4 B of gradient per parameter, not 6). Needs
+    ``Tensor.grad_dtype`` (``grad_dtype_supported()``) and no DTensor parameter; None: True
+    where both hold. ``release()`` restores each parameter's ``grad_dtype``.
     """
 
-    def __init__(self, params, *, accum_dtype: torch.dtype = torch.float32):
+    def __init__(self, params, *, accum_dtype: torch.dtype = torch.float32, direct: "bool | None" = False):
         if accum_dtype != torch.float32:
             raise ValueError(f"accum_dtype must be torch.float32, got {accum_dtype}")
+        if direct and not grad_dtype_supported():
+            raise RuntimeError(f"GradBuckets(direct=True) needs Tensor.grad_dtype, which torch {torch.__version__} "
+                               "lacks: use direct=False (a landing bucket in the parameter dtype)")
         if isinstance(params, torch.Tensor):
             params = [params]
         seen, unique = set(), []
@@ -168,6 +206,12 @@ class GradBuckets:
         dtensor = dtensor_type()
         #: whether the buckets hold shards of DTensor parameters (FSDP2)
         self.sharded = dtensor is not None and any(isinstance(p, dtensor) for p in unique)
+        if direct and self.sharded:
+            # FSDP2 writes each reduce-scattered shard into grad._local_tensor in its own dtype.
+            raise ValueError("GradBuckets(direct=True) with DTensor (FSDP2) parameters: FSDP2 hands over "
+                             "gradients in the parameter dtype; use direct=False")
+        #: whether bf16/fp16 gradients go straight into the fp32 buckets (``direct``)
+        self.direct = grad_dtype_supported() and not self.sharded if direct is None else bool(direct)
 
         groups: dict = {}
         for p in unique:
@@ -181,21 +225,19 @@ class GradBuckets:
         self.buckets: list[Bucket] = list(groups.values())
         for b in self.buckets:
             b.accum = torch.zeros(b.numel, dtype=torch.float32, device=b.device)
-            if b.dtype != torch.float32:
+            b.direct = self.direct and b.dtype != torch.float32
+            if b.dtype != torch.float32 and not b.direct:
                 b.landing = torch.zeros(b.numel, dtype=b.dtype, device=b.device)
             for p, off in zip(b.params, b.offsets):
-                local = _local(p, dtensor)
-                view = b.grads[off:off + local.numel()]
-                # The parameter's own strides (channels_last, a transpose) where they are
-                # dense: autograd and DDP expect a gradient laid out like its parameter.
-                dense = _dense_layout(local)
-                view = view.as_strided(local.shape, local.stride()) if dense else view.view(local.shape)
-                if local is not p:
-                    # FSDP2 adds each reduce-scattered shard into grad._local_tensor in place.
-                    view = dtensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                              run_check=False)
+                view = _view_of(b.grads, off, p, dtensor)
                 if p.grad is not None:
                     view.copy_(p.grad)
+                if b.direct:
+                    # None, not float32: the step hands the optimizer param-dtype views, and
+                    # autograd still adds into an fp32 .grad in place (checked in the tests).
+                    b.grad_dtypes.append(p.grad_dtype)
+                    p.grad = None
+                    p.grad_dtype = None
                 b.views.append(view)
         owner = weakref.ref(self)
         for p in unique:
@@ -218,10 +260,35 @@ class GradBuckets:
                 if p.grad is not view:
                     p.grad = view
 
+    def step_outputs(self) -> "list | None":
+        """Where the step writes each bucket's processed gradient (``out=`` of the apply pass):
+        None when every bucket is fp32 (in place); else per bucket its accum (fp32), its landing
+        bucket, or for a direct bucket a new buffer of the parameter dtype (``step_out``: the
+        optimizer wants param-dtype gradients; fused and foreach AdamW refuse fp32 ones for
+        bf16 parameters), which ``param.grad`` then points at, until ``end_step()``."""
+        if all(b.dtype == torch.float32 for b in self.buckets):
+            return None
+        for b in self.buckets:
+            if b.direct and b.step_out is None:
+                b.step_out = torch.empty(b.numel, dtype=b.dtype, device=b.device)
+                b.step_views = [_view_of(b.step_out, off, p, None) for p, off in zip(b.params, b.offsets)]
+            for p, view in zip(b.params, b.step_views):
+                p.grad = view
+        return [b.step_out if b.direct else b.grads for b in self.buckets]
+
+    def end_step(self) -> None:
+        """A new window starts (or this one is dropped): direct buckets free their step
+        buffers, and ``param.grad`` are fp32 bucket views again, for autograd to add into."""
+        if any(b.step_out is not None for b in self.buckets):
+            for b in self.buckets:
+                b.step_out, b.step_views = None, []
+            self.attach()
+
     @torch.no_grad()
     def start_window(self) -> None:
         """A window's first backward is about to run: the processed gradient of the last step
         (in param.grad until now) makes way, and no parameter is used yet."""
+        self.end_step()
         for b in self.buckets:
             if b.landing is None:
                 b.accum.zero_()  # autograd accumulates into it in place
@@ -241,6 +308,7 @@ class GradBuckets:
     @torch.no_grad()
     def zero_(self) -> None:
         """Zero every bucket (accumulation and landing buffers)."""
+        self.end_step()
         for b in self.buckets:
             b.accum.zero_()
             if b.landing is not None:
@@ -252,11 +320,18 @@ class GradBuckets:
         tensor, detached from the buckets."""
         self._remove_hooks()
         for b in self.buckets:
-            for p, view in zip(b.params, b.views):
+            for i, (p, view) in enumerate(zip(b.params, b.views)):
                 if getattr(p, _OWNER_ATTR, lambda: None)() is self:
                     delattr(p, _OWNER_ATTR)
-                if p.grad is view:
+                if b.direct:
+                    # The parameter's own grad_dtype again, so its gradient is in its dtype.
+                    g, p.grad = p.grad, None
+                    p.grad_dtype = b.grad_dtypes[i]
+                    ours = g is view or (b.step_views and g is b.step_views[i])
+                    p.grad = None if g is None else g.to(p.dtype, copy=bool(ours))
+                elif p.grad is view:
                     p.grad = view.clone()
+            b.step_out, b.step_views = None, []
 
     @property
     def params(self) -> list:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fusedaccum.buckets
 from fusedaccum import GradAccumulator
 
 K = 4
@@ -181,7 +182,10 @@ def test_zero_grad_keep_inside_a_window_is_caught_for_fp32():
     acc.discard_window()
 
 
-def test_zero_grad_keep_inside_a_window_is_harmless_for_bf16():
+def test_zero_grad_keep_inside_a_window_is_harmless_for_bf16(monkeypatch):
+    # The landing path (torch without Tensor.grad_dtype); direct bf16 buckets are guarded as
+    # fp32 ones are (tests/test_grad_dtype.py).
+    monkeypatch.setattr(fusedaccum.buckets, "grad_dtype_supported", lambda: False)
     ref_model, model = make(torch.bfloat16), make(torch.bfloat16)
     ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref_model, model))
     ref_acc, acc = GradAccumulator(ref_model, K), GradAccumulator(model, K)

@@ -376,7 +376,8 @@ def test_statistics_off_cost_no_launch_and_on_cost_what_is_documented(backend, d
             acc.backward(loss_of(model, x[i:i + 4], y[i:i + 4], False))
         acc.step(opt)
         accumulates = [sq for name, sq in calls if name == "accumulate_"]
-        assert accumulates == ([on] * 3 if dtype == torch.bfloat16 else [])
+        # Off, bf16 goes straight into fp32 where Tensor.grad_dtype exists (no accumulate pass).
+        assert accumulates == ([on] * 3 if dtype == torch.bfloat16 and not acc.buckets.direct else [])
         step = ["norm_partials", "finalize", "apply"]
         assert [name for name, _ in calls if name != "accumulate_"] == (
             ["sum_squares", "norm_partials", "finalize"] + step if on and dtype == torch.float32 else step)
