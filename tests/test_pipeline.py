@@ -80,7 +80,7 @@ def reference_run(dp_size):
     return [p.detach() for p in layers.parameters()], steps
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [4])  # 2 stages x 2 dp; world=2 (process_group=None) passes too, 17 s
 def test_pipeline_matches_one_process(tmp_path, world):
     results = launch(tmp_path, world)
     params, steps = reference_run(world // 2)
