@@ -12,7 +12,7 @@ from .ops import _norm_order
 from .scaler import LossScaler
 
 __all__ = ["BatchNormWatch", "check_args", "check_host_items", "check_items", "check_loss",
-           "check_no_open_part"]
+           "check_no_open_part", "check_pipeline"]
 
 
 def check_args(accumulation_steps, max_norm, norm_type, scaler):
@@ -29,6 +29,23 @@ def check_args(accumulation_steps, max_norm, norm_type, scaler):
         raise TypeError(f"scaler must be a fusedaccum.LossScaler or None, got {type(scaler).__name__} "
                         "(a torch.amp.GradScaler's state_dict() loads into a LossScaler)")
     return int(accumulation_steps), max_norm, norm_type
+
+
+def check_pipeline(pipeline_group, scaler, noise: bool) -> None:
+    """What pipeline stages (``pipeline_group``) cannot combine with yet; the group itself is
+    checked by ``fusedaccum.parallel.check_pipeline_group``."""
+    if pipeline_group is None:
+        return
+    if scaler is not None:
+        # A stage before the last backpropagates activation gradients that already carry the
+        # last stage's loss scale; scaling its surrogate loss again would square it.
+        raise ValueError("scaler with pipeline_group: the activation gradients a stage receives already carry "
+                         "the loss scale, so only the last stage may scale; not supported yet. Train the "
+                         "pipeline in bf16/fp32 without a LossScaler")
+    if noise:
+        raise ValueError("noise_scale with pipeline_group: a micro-batch's gradient norm would need one more "
+                         "collective over the stages per micro-batch; not supported. Build the GradAccumulator "
+                         "with noise_scale=False (StepResult.loss is still the last stage's, on every stage)")
 
 
 def check_params(params):

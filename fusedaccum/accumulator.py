@@ -75,6 +75,9 @@ class GradAccumulator:
             (default: after every micro-batch; only sharded gradients are held) or
             ``"window"`` (``accumulate`` turns the sync off on all but the last micro-batch:
             one reduce-scatter per window, unsharded fp32 gradients held across it).
+        pipeline_group: this rank's pipeline-parallel group (one rank per stage; a ProcessGroup
+            or a 1-D DeviceMesh): the norm, the skip and the normalizer become global across
+            stages, the count and loss are the last stage's (docs/nd-parallel.md).
 
     Usage::
 
@@ -108,7 +111,7 @@ class GradAccumulator:
     def __init__(self, params, accumulation_steps: int, *, max_norm: "float | None" = None,
                  norm_type: float = 2.0, scaler: "LossScaler | None" = None,
                  accum_dtype: torch.dtype = torch.float32, process_group=None, noise_scale=False,
-                 fsdp_sync: str = "micro_batch"):
+                 fsdp_sync: str = "micro_batch", pipeline_group=None):
         # Validate everything (the engine's checks too) before the buckets re-point any param.grad.
         accumulation_steps, max_norm, norm_type = _validate.check_args(accumulation_steps, max_norm, norm_type,
                                                                        scaler)
@@ -117,9 +120,11 @@ class GradAccumulator:
             raise ValueError(f"noise_scale needs the window's 2-norm, but norm_type={norm_type}: use norm_type=2 "
                              "(the default) with noise_scale")
         module, params = _validate.check_params(params)
+        _validate.check_pipeline(pipeline_group, scaler, noise_settings is not None)
         self._engine = engine_for(process_group, module,
                                   [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad],
-                                  {"fsdp_sync": fsdp_sync, "noise_scale": noise_settings is not None})
+                                  {"fsdp_sync": fsdp_sync, "noise_scale": noise_settings is not None,
+                                   "pipeline_group": pipeline_group, "norm_type": norm_type})
 
         self.buckets = GradBuckets(params, accum_dtype=accum_dtype, direct=None if noise_settings is None else False)
         self._k = accumulation_steps

@@ -310,7 +310,8 @@ def _fusable_clip_args(max_norm, norm_type) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
+                    pipeline_group=None):
     """Drop-in for ``torch.nn.utils.clip_grad_norm_``: same arguments, same results.
 
     When the gradients are exactly the contents of flat buffers (e.g. ``GradBuckets``), the
@@ -328,6 +329,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     norm comes back as a replicated DTensor, as torch's. Whether the fused path or torch's
     runs depends only on what every rank shares (placements, dtypes, arguments), so that all
     ranks enter the same collective.
+    ``pipeline_group`` (a ProcessGroup or 1-D DeviceMesh, one rank per pipeline stage): the norm
+    is the one over every stage's gradients (one all-gather of compact partials over the group)
+    and each stage clips its own; always the fused passes (fp16 too, its norm in fp32), over a
+    packed copy when the gradients tile no flat buffer. Not with DTensor gradients yet.
     """
     if isinstance(parameters, torch.Tensor):
         params = [parameters]
@@ -337,6 +342,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             # torch's message and stack level: the warning points at the caller's line.
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in params if p.grad is not None]
+    if pipeline_group is not None:  # one gather over the stages, whatever each stage holds
+        from .parallel.pipeline import clip_grad_norm_stages
+
+        return clip_grad_norm_stages(params, grads, max_norm, norm_type, error_if_nonfinite, pipeline_group)
     if grads and torch.distributed.is_available():
         from . import _dtensor
 
