@@ -60,7 +60,7 @@ def check_pipeline_group(pipeline_group):
 
 def compact_partials(partials: torch.Tensor, norm_type: float) -> torch.Tensor:
     """The norm's partials (``[5, slots]``, any width) folded into ``[5, 3]``: one slot per store
-    limit, each at its largest scale exponent, in fp64 then rounded once to fp32 (one rounding,
+    limit, each at its largest scale exponent (p = 1, 2) or largest |x| (other p), in fp64 then rounded once to fp32 (one rounding,
     relative 6e-8, of a part of the norm). The per-limit maximum keeps the overflow-on-store test
     exact: fp32 rounding is monotonic, so ``max|x| * coef >= limit`` iff some slot's is. On the
     device, no sync."""
@@ -72,6 +72,10 @@ def compact_partials(partials: torch.Tensor, norm_type: float) -> torch.Tensor:
         mask = (~(fp16 | bf16)) if k == 0 else (fp16 if k == 1 else bf16)
         if math.isinf(norm_type):  # the slots hold maxima at exponent 0
             s, e = torch.where(mask, sums, zero).max(), zero
+        elif norm_type not in (1.0, 2.0):  # the slots hold Σ(|x|/m)^p relative to their max m
+            m = torch.where(mask, maxes.double(), 0.0)
+            s = (torch.where(mask, sums.double(), 0.0) * torch.where(m > 0, m / m.max(), 0.0).pow(norm_type)).sum()
+            s, e = s.float(), zero
         else:
             e = torch.where(mask, exps, zero - 126).max()
             scale = torch.exp2(norm_type * (exps.double() - e.double()))
