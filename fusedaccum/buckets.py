@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._dtensor import dtensor_type
+from ._dtensor import dtensor_type, replica_key
 from .ops import GRAD_DTYPES, _dense_layout, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
@@ -171,7 +171,9 @@ class GradBuckets:
 
         groups: dict = {}
         for p in unique:
-            key = (p.device, p.dtype)
+            # DTensor parameters also by the mesh dims they are replicated along (tensor parallel:
+            # a norm weight beside Colwise/Rowwise shards): each bucket's norm is counted once or not.
+            key = (p.device, p.dtype, replica_key(p))
             if key not in groups:
                 groups[key] = Bucket(device=p.device, dtype=p.dtype)
             b = groups[key]
