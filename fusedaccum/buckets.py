@@ -118,7 +118,8 @@ class GradBuckets:
     """Allocate flat gradient buckets for ``params`` and attach ``param.grad`` as views.
 
     Parameters without ``requires_grad`` are skipped; a parameter listed twice is kept once;
-    parameters on several devices or of several dtypes get one bucket per (device, dtype).
+    parameters on several devices or of several dtypes get one bucket per (device, dtype)
+    (and, for DTensor parameters, per set of mesh dimensions they are replicated along).
     A gradient a parameter already holds is copied into its view.
 
     ``optimizer.zero_grad()`` (``set_to_none=True`` by default) would detach the views; a

@@ -136,10 +136,12 @@ def scenario_clip(mesh):
 
     out = {}
     x, y = micro_data(0, 0, mesh.get_local_rank("dp"))
+    model = tp_fsdp_model(mesh, replicate_plain=True)  # torch's clip needs one mesh
+    sum_loss(model(x.float()), y.float()).backward()
+    saved = [p.grad.to_local().clone() for p in model.parameters()]
     for norm_type in (2.0, 1.0, float("inf")):
-        model = tp_fsdp_model(mesh, replicate_plain=True)  # torch's clip needs one mesh
-        sum_loss(model(x.float()), y.float()).backward()
-        saved = [p.grad.to_local().clone() for p in model.parameters()]
+        for p, g in zip(model.parameters(), saved):
+            p.grad.to_local().copy_(g)
         calls = []
         real = {n: getattr(dist, n) for n in ("all_gather_single", "all_gather_into_tensor", "all_reduce")
                 if hasattr(dist, n)}
