@@ -134,3 +134,37 @@ def test_unsupported_layouts_are_refused_by_name_before_anything_changes(runs, c
         for word in words:
             assert word in rec["message"], (case, rec["message"])
         assert rec["untouched"]
+
+
+class _OneRankMesh:
+    """A 1-D mesh of one rank standing at coordinate 1 of a dimension: no gather, and a buffer
+    replicated along it is masked (counted by coordinate 0, elsewhere)."""
+    ndim = 1
+
+    def get_coordinate(self):
+        return (1,)
+
+    def size(self, dim):
+        return 1
+
+
+def test_mesh_norm_hook_masks_exactly_the_replicated_buffers_slots(backend, device):
+    """The mask covers the slots each backend's norm pass gives a buffer (the Triton kernels:
+    one per program, so a buffer of several tiles fills several): the norm with the hook is
+    that of the sharded buffers alone, bit for bit, around masked buffers of 0 to 5 tiles."""
+    from fusedaccum._dtensor import mesh_norm_hook
+    from fusedaccum.kernels._launch import BLOCK
+    from fusedaccum.ops import _unscale_clip_stats
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 5 * BLOCK + 7, 0, 2 * BLOCK, 1]
+    bufs = [torch.randn(n, generator=g).to(device) * (i + 1) for i, n in enumerate(sizes)]
+    replicated = [False, True, True, False, True]
+    keys = [(r,) for r in replicated]
+    hook = mesh_norm_hook(_OneRankMesh(), keys, bufs)
+    masked = _unscale_clip_stats(bufs, 1.0, None, 2.0, 0.0, reduce_partials=hook)[0]
+    alone = _unscale_clip_stats([b for b, r in zip(bufs, replicated) if not r], 1.0, None, 2.0, 0.0,
+                                reduce_partials=lambda p: p)[0]
+    assert torch.equal(masked, alone), (masked, alone)
+    whole = _unscale_clip_stats(bufs, 1.0, None, 2.0, 0.0)[0]
+    assert whole > 1.2 * alone  # the masked buffers would change it

@@ -20,7 +20,9 @@ At ``step``: FSDP divided its reduction by ``F`` (its gradient divide factor, by
 number of data-parallel ranks): the normalizer becomes ``global count / F``; the count, with
 the window's loss and statistics, is all-reduced as one small fp64 vector (``global_normalizer``). The norm's per-program partials are made global by one
 ``all_gather_single`` over the shard group (``reduce_partials``); the replicas of an
-HSDP mesh hold equal values and are not gathered. No host sync; every rank decides alike.
+HSDP mesh hold equal values and are not gathered. FSDP2 after tensor parallel on a (dp, tp)
+mesh: ``mesh`` (the count over dp only; the partials masked and gathered over dp and tp). No
+host sync; every rank decides alike.
 """
 
 from .._dtensor import gather_partials
