@@ -1,11 +1,13 @@
-"""Sharded (DTensor, FSDP2) gradients: the ``reduce_partials`` hook that makes the norm's
-partials global (one gather over the shard group), and ``clip_grad_norm_`` over DTensor grads."""
+"""Sharded (DTensor: FSDP2, HSDP, FSDP2 after tensor parallel) gradients: the ``reduce_partials``
+hooks that make the norm's partials global (one gather per mesh dimension that shards), and
+``clip_grad_norm_`` over DTensor grads."""
 
 import torch
 
 from .ops import GRAD_DTYPES, _covering_buckets, _fused_clip, _fusable_clip_args
 
-__all__ = ["clip_grad_norm_", "dtensor_type", "gather_partials", "is_dtensor", "shard_group"]
+__all__ = ["clip_grad_norm_", "compose", "dtensor_type", "gather_partials", "grad_layout", "is_dtensor", "mesh_norm_hook",
+           "replica_key"]
 
 
 def dtensor_type():
@@ -44,48 +46,112 @@ def gather_partials(group, world_size: int):
     return reduce_partials
 
 
-def shard_group(grads):
-    """(mesh, the group over which ``grads`` are sharded, its size), or None when they are not all
-    DTensors on one mesh sharded along one mesh dimension and replicated along the others
-    (FSDP2; HSDP), the layouts whose norm is the gathered sum of the local ones."""
-    from torch.distributed.tensor import Replicate, Shard
+def replica_key(t):
+    """Per mesh dimension, whether DTensor ``t`` is replicated along it (a tuple of bools); None
+    for a plain tensor. Placements are global, so every rank computes the same key: the
+    buckets are split by it, so that each bucket's norm partials are either counted or not
+    (a piece replicated over ``tp`` once, not ``tp`` times)."""
+    return tuple(pl.is_replicate() for pl in t.placements) if is_dtensor(t) else None
 
-    mesh, dims = grads[0].device_mesh, set()
+
+def grad_layout(grads):
+    """(mesh, per grad its ``replica_key``) when ``grads`` are all DTensors on one mesh, each
+    sharded (``Shard``, ``_StridedShard``) or replicated along every dimension, sharded along
+    at least one: FSDP2, HSDP, FSDP2 after tensor parallel. None otherwise (``Partial``: a
+    pending sum; several meshes), for torch's implementation."""
+    mesh = grads[0].device_mesh if is_dtensor(grads[0]) else None
+    keys = []
     for g in grads:
-        if not is_dtensor(g) or g.device_mesh != mesh:
+        if not is_dtensor(g) or g.device_mesh != mesh or any(pl.is_partial() for pl in g.placements):
             return None
-        sharded = [i for i, pl in enumerate(g.placements) if isinstance(pl, Shard)]
-        if len(sharded) != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in g.placements):
-            return None
-        dims.add(sharded[0])
-    if len(dims) != 1:
+        keys.append(replica_key(g))
+    if not any(not all(k) for k in keys):
+        return None  # nothing sharded: not FSDP2's layout
+    return mesh, keys
+
+
+def compose(*hooks):
+    """One ``reduce_partials`` hook that applies ``hooks`` (None: skipped) in order: e.g. the
+    mesh's gathers, then a pipeline group's."""
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
         return None
-    dim = dims.pop()
-    return mesh, mesh.get_group(dim), mesh.size(dim)
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def reduce_partials(partials):
+        for hook in hooks:
+            partials = hook(partials)
+        return partials
+
+    return reduce_partials
+
+
+def mesh_norm_hook(mesh, keys, buffers):
+    """The ``reduce_partials`` hook of flat ``buffers`` (the norm's inputs, in order) whose
+    elements are DTensor pieces on ``mesh`` replicated along the dims ``keys[i]`` says.
+
+    Each element must count once: along a dimension where some buffer is sharded, this rank's
+    partials of a buffer *replicated* there are replaced by neutral ones unless its coordinate
+    there is 0; then one all-gather per such dimension (in mesh order) concatenates the
+    partials, so every rank finalizes the same numbers in the same order. A dimension along
+    which every buffer is replicated (HSDP's replicas) is neither masked nor gathered: every
+    replica finalizes equal numbers on its own. Which dims and buffers: placements only (what
+    every rank shares); the slots a buffer fills: its local size (this rank's, local work)."""
+    from .ops import _pad_slots, sq_slots
+
+    dims = [d for d in range(mesh.ndim) if any(not k[d] for k in keys)]
+    coord = mesh.get_coordinate()
+    masked = [any(k[d] and coord[d] != 0 for d in dims) for k in keys]
+    gathers = [gather_partials(mesh.get_group(d), mesh.size(d)) for d in dims if mesh.size(d) > 1]
+    spans, start = [], 0
+    for buf, drop in zip(buffers, masked):
+        n = sq_slots(buf)  # the slots norm_partials gives this buffer (its backend's grid)
+        if drop:
+            spans.append((start, start + n))
+        start += n
+    cache = {}
+
+    def mask(partials):
+        width = partials.shape[-1]
+        if width not in cache:  # built once, by fills on the device (no host copy)
+            drop = torch.zeros(width, dtype=torch.bool, device=partials.device)
+            for a, b in spans:
+                drop[a:b] = True
+            cache[width] = (drop, _pad_slots(partials[:, :0], 1))
+        drop, neutral = cache[width]
+        return torch.where(drop, neutral, partials)
+
+    return compose(mask if spans else None, *gathers)
 
 
 @torch.no_grad()
 def clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, foreach):
     """``fusedaccum.clip_grad_norm_`` for DTensor gradients: the fused passes over the local
-    shards, with one gather of the norm's partials; torch's implementation for the layouts,
-    dtypes and arguments the fused path does not take.
+    pieces, then one gather of the norm's partials per mesh dimension along which some
+    gradient is sharded (FSDP2: 1; HSDP: 1, the replicas not; FSDP2 after tensor parallel on
+    a (dp, tp) mesh: 2), pieces replicated along a gathered dimension counted once
+    (``mesh_norm_hook``); torch's implementation for the layouts, dtypes and arguments the
+    fused path does not take.
 
-    Which of the two runs decides which collective every rank enters (a gather of partials,
-    or torch's all-reduce), so the choice rests only on what all ranks share: placements,
+    Which of the two runs decides which collective every rank enters (gathers of partials,
+    or torch's all-reduces), so the choice rests only on what all ranks share: placements,
     dtypes, arguments. Never on local memory layout: with uneven shards one rank's shards can
     tile a flat buffer while another's hold gaps (FSDP2's padding), and a choice made on that
     hangs the job. The layout only decides, locally, whether the passes run on the buffer in
     place or on a packed copy written back after."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    sharding = shard_group(grads)
+    layout = grad_layout(grads)
     dtypes = {g.dtype for g in grads}
-    if (sharding is None or not _fusable_clip_args(max_norm, norm_type) or torch.float16 in dtypes
+    if (layout is None or not _fusable_clip_args(max_norm, norm_type) or torch.float16 in dtypes
             or not dtypes <= set(GRAD_DTYPES)):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
-    # One buffer per dtype, in an order every rank shares: the partials' width (the gather's
-    # size) then depends on the dtypes only.
-    groups = [[g._local_tensor for g in grads if g.dtype == dtype] for dtype in sorted(dtypes, key=str)]
+    mesh, keys = layout
+    # One buffer per (dtype, replication), in an order every rank shares: the partials' width
+    # (the gathers' size) then depends on placements and dtypes only.
+    order = sorted({(g.dtype, k) for g, k in zip(grads, keys)}, key=lambda dk: (str(dk[0]), dk[1]))
+    groups = [[g._local_tensor for g, k in zip(grads, keys) if (g.dtype, k) == dk] for dk in order]
     buffers, packed = [], []
     for local in groups:
         covering = _covering_buckets(local)
@@ -95,8 +161,7 @@ def clip_grad_norm_(params, grads, max_norm, norm_type, error_if_nonfinite, fore
             flat = torch.cat([t.reshape(-1) for t in local])
             buffers.append(flat)
             packed.append((local, flat))
-    mesh, group, size = sharding
-    hook = gather_partials(group, size) if size > 1 else None
+    hook = mesh_norm_hook(mesh, [k for _, k in order], buffers)
     total = _fused_clip(buffers, dtypes, max_norm, norm_type, error_if_nonfinite, reduce_partials=hook)
     for local, flat in packed:
         torch._foreach_copy_(local, [piece.view(t.shape) for piece, t in zip(flat.split([t.numel() for t in local]),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._dtensor import dtensor_type
+from ._dtensor import dtensor_type, replica_key
 from .ops import GRAD_DTYPES, _dense_layout, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
@@ -146,7 +146,8 @@ class GradBuckets:
     """Allocate flat gradient buckets for ``params`` and attach ``param.grad`` as views.
 
     Parameters without ``requires_grad`` are skipped; a parameter listed twice is kept once;
-    parameters on several devices or of several dtypes get one bucket per (device, dtype).
+    parameters on several devices or of several dtypes get one bucket per (device, dtype)
+    (and, for DTensor parameters, per set of mesh dimensions they are replicated along).
     A gradient a parameter already holds is copied into its view.
 
     ``optimizer.zero_grad()`` (``set_to_none=True`` by default) would detach the views; a
@@ -215,7 +216,9 @@ class GradBuckets:
 
         groups: dict = {}
         for p in unique:
-            key = (p.device, p.dtype)
+            # DTensor parameters also by the mesh dims they are replicated along (tensor parallel:
+            # a norm weight beside Colwise/Rowwise shards): each bucket's norm is counted once or not.
+            key = (p.device, p.dtype, replica_key(p))
             if key not in groups:
                 groups[key] = Bucket(device=p.device, dtype=p.dtype)
             b = groups[key]

@@ -325,8 +325,10 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     gradients are then left unscaled when it raises.
     FSDP2 (DTensor) gradients: the same passes over the local shards (in place when they
     tile a flat buffer, a ``GradAccumulator``'s; else over a packed copy per dtype, written
-    back), with one all-gather of the norm's partials over the shard group between them; the
-    norm comes back as a replicated DTensor, as torch's. Whether the fused path or torch's
+    back), with one all-gather of the norm's partials per mesh dimension that shards a
+    gradient between them (FSDP2 and HSDP: 1; FSDP2 after tensor parallel on (dp, tp): 2;
+    pieces replicated along a dimension counted once); the norm comes back as a replicated
+    DTensor, as torch's. Whether the fused path or torch's
     runs depends only on what every rank shares (placements, dtypes, arguments), so that all
     ranks enter the same collective.
     ``pipeline_group`` (a ProcessGroup or 1-D DeviceMesh, one rank per pipeline stage): the norm

@@ -20,10 +20,13 @@ At ``step``: FSDP divided its reduction by ``F`` (its gradient divide factor, by
 number of data-parallel ranks): the normalizer becomes ``global count / F``; the count, with
 the window's loss and statistics, is all-reduced as one small fp64 vector (``global_normalizer``). The norm's per-program partials are made global by one
 ``all_gather_single`` over the shard group (``reduce_partials``); the replicas of an
-HSDP mesh hold equal values and are not gathered. No host sync; every rank decides alike.
+HSDP mesh hold equal values and are not gathered. FSDP2 after tensor parallel on a (dp, tp)
+mesh: ``mesh`` (the count over dp only; the partials masked and gathered over dp and tp). No
+host sync; every rank decides alike.
 """
 
 from .._dtensor import gather_partials
+from . import mesh as _mesh
 from .base import Engine, Window, dist, global_normalizer, local_normalizer, wait
 
 __all__ = ["FSDP1", "FSDP2", "MODES", "check_fsdp2", "is_fsdp1", "is_fsdp2", "refuse_flat_params"]
@@ -106,10 +109,7 @@ def check_fsdp2(model, params, process_group, mode: str = "micro_batch") -> None
     if mesh.ndim > 2 or (mesh.ndim == 2 and not hasattr(info, "replicate_process_group")):
         raise ValueError(f"an FSDP2 mesh of {mesh.ndim} dimensions that is not HSDP (replicate, shard): "
                          "supported are a 1-D mesh (FSDP) and a 2-D (replicate, shard) mesh (HSDP)")
-    if _mesh_ranks(mesh) != list(range(dist().get_world_size())):
-        raise ValueError(f"the FSDP2 mesh covers ranks {_mesh_ranks(mesh)} of a world of "
-                         f"{dist().get_world_size()}: GradAccumulator needs the mesh to be the whole world "
-                         "(item counts are all-reduced over the default group)")
+    _mesh.layout(groups, dist().get_world_size())  # tensor parallel: supported, or refused by name
     if process_group is False:
         raise ValueError("this GradAccumulator was built with process_group=False but the model is an FSDP2 "
                          "module, which reduce-scatters the gradients across its mesh anyway: leave "
@@ -162,11 +162,18 @@ class FSDP2(Engine):
         self._groups = _param_groups(model)
         info = self._groups[0].mesh_info
         self.mesh = info.mesh
-        self.world_size = self.mesh.size()  # every data-parallel rank (shard x replicate)
-        self.group = None  # the count is all-reduced over the default group (the mesh is the world)
+        self.world_size = self.mesh.size()  # every data-parallel rank (shard x replicate); tp ranks not
+        self.layout = _mesh.layout(self._groups, dist().get_world_size())
+        # The count vector: over the default group (the mesh is the world), or over dp only under
+        # tensor parallel (the tp ranks of a dp rank see the same items).
+        self.group = self.layout.count_group
         self.shard_group = info.shard_process_group
         self.shard_size = info.shard_mesh_size
-        self.reduce_partials = gather_partials(self.shard_group, self.shard_size) if self.shard_size > 1 else None
+        if self.layout.tp:
+            self.reduce_partials = None  # mesh_norm_hook over (dp, tp): needs the buckets, built at the step
+        else:
+            self.reduce_partials = gather_partials(self.shard_group, self.shard_size) if self.shard_size > 1 else None
+        self._hook_for = None  # the accums whose (dp, tp) norm hook reduce_partials is
         self._synced = {model}
 
     @property
@@ -223,6 +230,11 @@ class FSDP2(Engine):
                 "gradients are still unsharded and unreduced inside FSDP. Run the last micro-batch of a partial "
                 "window as accumulate(model, sync=True), then step(optimizer, force=True)")
         factor = self.divide_factor()
+        if self.layout.tp and self._hook_for is not accums:
+            # Local work (placements and local sizes); every rank builds its own at its first step.
+            params = [fp.sharded_param for g in self._groups for fp in g.fsdp_params]
+            self.reduce_partials = self.layout.norm_hook(_mesh.owned_buckets(params, accums))
+            self._hook_for = accums
         if self.communicates:
             count, works = global_normalizer(window, self.group, self.world_size, force, device)
             wait(works)
