@@ -34,6 +34,8 @@ def _check_flat(t, name: str, dtypes=GRAD_DTYPES) -> None:
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Memory ranges, not storages: two storages can share memory (torch.from_numpy of one
     # array twice, storages made from one pointer).
+    if torch.compiler.is_compiling():
+        return False  # a traced tensor has no address (docs/kernels.md, "Custom ops")
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
@@ -45,6 +47,11 @@ def _fp32(value: float) -> float:
     Python number and the same number as a float64 tensor mean the same in both backends."""
     with numpy.errstate(over="ignore"):
         return float(numpy.float32(value))
+
+
+# torch.compiler.assume_constant_result (a pure function of a Python number: torch.compile
+# evaluates it while tracing), set directly so that importing fusedaccum does not import torch._dynamo.
+_fp32._dynamo_marked_constant = True
 
 
 def _number(value, name: str) -> float:
