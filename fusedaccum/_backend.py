@@ -8,7 +8,6 @@ A forced backend that cannot run raises; nothing falls back silently.
 while a trace runs, so that ``torch.compile`` sees one operator per phase.
 """
 
-import importlib
 import os
 from types import ModuleType
 
@@ -20,7 +19,10 @@ BACKENDS = ("torch", "triton")
 
 def _load_kernels() -> ModuleType:
     try:
-        return importlib.import_module("fusedaccum.kernels")
+        # An import statement, not importlib: torch.compile traces this (ops.py asks while tracing).
+        from . import kernels
+
+        return kernels
     except ImportError as exc:  # triton missing or broken
         raise RuntimeError(
             f"the Triton backend is unavailable ({exc}); install triton, or set {ENV_VAR}=torch "
@@ -81,6 +83,8 @@ def operators(device: torch.device):
     impl = implementation(device)
     if not _tracing():
         return impl
-    from . import _library
-
     return _library.operators(name_for(device) == "triton" and not _interpreted(impl), impl)
+
+
+# Registers the operators at import: a first registration inside a torch.compile trace would break it.
+from . import _library  # noqa: E402,F401  (after the definitions above, which _library uses)

@@ -1,0 +1,116 @@
+"""The fused ops' phases as torch.library custom ops (fusedaccum._library): opcheck on each
+registered op in both CPU backends (the reference, the Triton interpreter), and
+torch.compile(fullgraph=True) of a function calling accumulate_ and unscale_clip_ on the CPU."""
+
+import pytest
+import torch
+
+import fusedaccum
+from fusedaccum import _backend, _library, ops
+
+# opcheck's default tests minus "test_autograd_registration", which asks a mutating op for an
+# autograd kernel; ours run under no_grad and have none (torch's own in-place custom ops skip it too).
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu")])
+@pytest.mark.parametrize("scale", [0.5, "tensor"])
+def test_opcheck_accumulate(backend, device, scale):
+    torch.manual_seed(0)
+    acc, grad = torch.randn(37), torch.randn(37).bfloat16()
+    s = torch.tensor(0.5) if scale == "tensor" else None
+    _opcheck(_library.accumulate, (acc, grad, s, 0.5, True, False, None, None, 1.0))
+    sq = torch.zeros(ops.sq_slots(acc))
+    _opcheck(_library.accumulate, (acc, grad, s, 0.5, False, True, sq, torch.tensor(2.0), 0.0))
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu")])
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.5])
+def test_opcheck_unscale_clip_phases(backend, device, norm_type):
+    torch.manual_seed(0)
+    buckets = [torch.randn(50), torch.randn(20).bfloat16(), torch.randn(0)]
+    out = [torch.empty(50).bfloat16(), torch.empty(20).bfloat16(), torch.empty(0)]
+    inv = torch.tensor(0.25)
+    _opcheck(_library.norm_partials, (buckets, inv, 0.0, norm_type, []))
+    _opcheck(_library.norm_partials, (buckets, None, 0.25, norm_type, out))
+    partials = _library.norm_partials(buckets, inv, 0.0, norm_type, [])
+    # The fake kernel's slot count is the backend's (one slot per program).
+    assert partials.shape == _library.norm_partials._abstract_fn(buckets, inv, 0.0, norm_type, []).shape
+    _opcheck(_library.finalize, (partials, inv, 0.0, 1.0, norm_type, 1e-6))
+    _opcheck(_library.finalize, (partials, None, 0.25, None, norm_type, 0.0))
+    stats = _library.finalize(partials, inv, 0.0, 1.0, norm_type, 1e-6)
+    _opcheck(_library.apply, (buckets, stats, [], True))
+    _opcheck(_library.apply, (buckets, stats, out, False))
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu")])
+def test_ops_match_the_module_they_wrap(backend, device):
+    """Operators (what ops.py calls while tracing) gives the bits of the backend module itself."""
+    torch.manual_seed(1)
+    impl = _backend.implementation(device)
+    wrapped = _library.operators(False, impl)
+    acc, grad = torch.randn(300), torch.randn(300).half()
+    a1, a2 = acc.clone(), acc.clone()
+    impl.accumulate_(a1, grad, torch.tensor(0.3), zero_grad=False, overwrite=False)
+    assert wrapped.accumulate_(a2, grad, torch.tensor(0.3), zero_grad=False, overwrite=False) is a2
+    assert torch.equal(a1, a2)
+    b1 = [torch.randn(100) * 1e3, torch.randn(30).bfloat16()]
+    b2 = [b.clone() for b in b1]
+    s1 = impl.finalize(impl.norm_partials(b1, 0.5, 2.0), 0.5, 1.0, 2.0, 1e-6)
+    s2 = wrapped.finalize(wrapped.norm_partials(b2, 0.5, 2.0), 0.5, 1.0, 2.0, 1e-6)
+    impl.apply(b1, s1, None, True)
+    wrapped.apply(b2, s2, None, True)
+    assert torch.equal(s1, s2) and all(torch.equal(x, y) for x, y in zip(b1, b2))
+
+
+def _step(acc, grad, landing, extra, scale):
+    """A window's last micro-batch and its step, as a user's compiled function would call them:
+    a Python number and a 0-d tensor as scales."""
+    fusedaccum.accumulate_(acc, grad, 0.5, zero_grad=True)
+    fusedaccum.accumulate_(extra, landing, scale)
+    return fusedaccum.unscale_clip_([acc, extra], 0.5, max_norm=1.0)
+
+
+def _inputs():
+    torch.manual_seed(2)
+    return [torch.randn(300), torch.randn(300).bfloat16(), torch.randn(70).half(), torch.randn(70), torch.tensor(0.25)]
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu")])
+def test_compile_graph_holds_one_op_per_phase(backend, device):
+    """fullgraph: no graph break; each call is one registered op (the interpreter's too)."""
+    torch._dynamo.reset()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled, eager = _inputs(), _inputs()
+    got = torch.compile(_step, fullgraph=True, backend=record, dynamic=False)(*compiled)
+    want = _step(*eager)
+    fused = [t for t in targets if t.startswith("fusedaccum.")]
+    assert fused == ["fusedaccum.accumulate.default"] * 2 + [
+        "fusedaccum.norm_partials.default", "fusedaccum.finalize.default", "fusedaccum.apply.default"]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+
+
+def test_compile_inductor_cpu_matches_eager():
+    """Inductor on the CPU (the reference as the ops' kernel): the same bits as eager, the
+    inputs mutated as eagerly, and a second call reuses the compiled graph."""
+    torch._dynamo.reset()
+    step = torch.compile(_step, fullgraph=True, backend="inductor", dynamic=False)
+    for scale in (1.0, 1e30):  # the second window overflows: found_inf, buckets kept
+        compiled, eager = _inputs(), _inputs()
+        for x, y in zip(compiled, eager):
+            x.mul_(scale), y.mul_(scale)
+        got, want = step(*compiled), _step(*eager)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (got, want)
+        assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    assert float(want[1]) == 1.0  # the overflow case was reached
+    assert not compiled[1].any()  # zero_grad was applied through the compiled op
