@@ -2,6 +2,11 @@
 registered op in both CPU backends (the reference, the Triton interpreter), and
 torch.compile(fullgraph=True) of a function calling accumulate_ and unscale_clip_ on the CPU."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +119,14 @@ def test_compile_inductor_cpu_matches_eager():
         assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
     assert float(want[1]) == 1.0  # the overflow case was reached
     assert not compiled[1].any()  # zero_grad was applied through the compiled op
+
+
+def test_triton_ops_trace_into_their_kernels():
+    """The triton_op registrations (the CUDA path) decompose into their Triton launches under
+    aot_autograd, on fake tensors: see trace_triton_ops.py (a process without the interpreter)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("trace_triton_ops.py")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.rstrip().endswith("traced")
