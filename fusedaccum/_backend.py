@@ -67,7 +67,6 @@ def implementation(device: torch.device) -> ModuleType:
     return reference
 
 
-
 def _tracing() -> bool:
     # Dynamo folds is_compiling() to True; make_fx and non-strict export run under a dispatch mode.
     return torch.compiler.is_compiling() or torch.utils._python_dispatch._get_current_dispatch_mode() is not None
@@ -78,8 +77,8 @@ def operators(device: torch.device):
     ``implementation(device)`` as registered operators (``fusedaccum._library.Operators``, same
     signatures): the ``triton_op`` ones for the compiled Triton kernels, the opaque
     ``custom_op`` ones (whose kernel calls ``implementation``) for the reference and the
-    interpreted kernels. Eagerly, the module itself: the operator dispatch would add tens of
-    microseconds per call (docs/kernels.md, "Custom ops") and run the same function."""
+    interpreted kernels. Eagerly, the module itself: the operator dispatch runs the same function
+    and costs more than it on small buckets (docs/kernels.md, "Custom ops")."""
     impl = implementation(device)
     if not _tracing():
         return impl

@@ -72,6 +72,22 @@ def test_ops_match_the_module_they_wrap(backend, device):
     assert torch.equal(s1, s2) and all(torch.equal(x, y) for x, y in zip(b1, b2))
 
 
+@pytest.mark.parametrize("device", [torch.device("cpu")])
+def test_eager_calls_the_module_and_make_fx_records_the_op(backend, device):
+    """Eagerly ops.py calls the backend module (no operator dispatch); under make_fx (a dispatch
+    mode, no torch.compile) it calls the registered op, which runs the same kernel."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    assert _backend.operators(device) is _backend.implementation(device)
+    acc, grad = torch.randn(40), torch.randn(40).bfloat16()
+    want = acc + grad.float() * 0.5
+    gm = make_fx(lambda a, g: fusedaccum.accumulate_(a, g, 0.5))(acc.clone(), grad)
+    calls = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert [c for c in calls if not c.startswith("aten.view")] == ["fusedaccum.accumulate.default"]
+    gm(acc, grad)
+    assert torch.equal(acc, want)
+
+
 def _step(acc, grad, landing, extra, scale):
     """A window's last micro-batch and its step, as a user's compiled function would call them:
     a Python number and a 0-d tensor as scales."""
