@@ -45,13 +45,10 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _fp32(value: float) -> float:
     """value rounded to fp32, as the kernels read it (beyond the fp32 range: +-inf), so a
     Python number and the same number as a float64 tensor mean the same in both backends."""
+    if torch.compiler.is_compiling():
+        return value  # maybe symbolic there; the kernels round it as they read it (docs/kernels.md, "Custom ops")
     with numpy.errstate(over="ignore"):
         return float(numpy.float32(value))
-
-
-# torch.compiler.assume_constant_result (a pure function of a Python number: torch.compile
-# evaluates it while tracing), set directly so that importing fusedaccum does not import torch._dynamo.
-_fp32._dynamo_marked_constant = True
 
 
 def _number(value, name: str) -> float:
