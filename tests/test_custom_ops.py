@@ -13,13 +13,10 @@ import torch
 import fusedaccum
 from fusedaccum import _backend, _library, ops
 
-# opcheck's default tests minus "test_autograd_registration", which asks a mutating op for an
-# autograd kernel; ours run under no_grad and have none (torch's own in-place custom ops skip it too).
-OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-
 
 def _opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+    # All of opcheck's tests: schema (declared mutations), autograd registration, fake kernel, aot dispatch.
+    torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", [torch.device("cpu")])
