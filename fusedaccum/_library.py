@@ -11,11 +11,13 @@ Two registrations per phase, with one schema:
 - ``fusedaccum::<phase>_triton`` (``triton_op``): the compiled Triton kernels, launched through
   ``torch.library.wrap_triton``, so that inductor sees the kernels themselves (CUDA).
 
-``_backend.operators`` picks which of the two a call uses. Host scalars: a schema needs one
-type per argument, so each "float or one-element tensor" argument is a pair ``(Tensor?,
-float)``: the tensor when given (read by the kernel on the device), else the number. Neither
-costs a copy or a host read. An optional list of tensors (``out``) is a list, empty for none. Mutating ops return nothing (a custom op may not return an alias
-of its input); ``fusedaccum.ops`` returns the tensor itself.
+``_backend.operators`` picks which of the two a call uses while a trace runs (eagerly
+``fusedaccum.ops`` calls the backend module itself). Host scalars: a schema needs one type
+per argument, so each "float or one-element tensor" argument is a pair ``(Tensor?, float)``:
+the tensor when given (read by the kernel on the device), else the number. Neither costs a
+copy or a host read. An optional list of tensors (``out``) is a list, empty for none.
+Mutating ops return nothing (a custom op may not return an alias of its input);
+``fusedaccum.ops`` returns the tensor itself.
 """
 
 from typing import Optional
