@@ -34,6 +34,8 @@ def _check_flat(t, name: str, dtypes=GRAD_DTYPES) -> None:
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     # Memory ranges, not storages: two storages can share memory (torch.from_numpy of one
     # array twice, storages made from one pointer).
+    if torch.compiler.is_compiling():
+        return False  # a traced tensor has no address (docs/kernels.md, "Custom ops")
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
@@ -43,6 +45,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _fp32(value: float) -> float:
     """value rounded to fp32, as the kernels read it (beyond the fp32 range: +-inf), so a
     Python number and the same number as a float64 tensor mean the same in both backends."""
+    if torch.compiler.is_compiling():
+        return value  # maybe symbolic there; the kernels round it as they read it (docs/kernels.md, "Custom ops")
     with numpy.errstate(over="ignore"):
         return float(numpy.float32(value))
 
@@ -108,7 +112,7 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
         raise ValueError("acc and grad overlap in memory")
     s = _scalar(scale, "scale", acc.device)
     if sq_out is None:
-        _backend.implementation(acc.device).accumulate_(
+        _backend.operators(acc.device).accumulate_(
             acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
         return acc
     _check_flat(sq_out, "sq_out", (torch.float32,))
@@ -118,7 +122,7 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     if _overlap(sq_out, acc) or _overlap(sq_out, grad):
         raise ValueError("sq_out overlaps acc or grad in memory")
     w = _scalar(sq_weight, "sq_weight", acc.device)
-    _backend.implementation(acc.device).accumulate_(
+    _backend.operators(acc.device).accumulate_(
         acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite),
         sq_out=sq_out.view(-1), sq_weight=w)
     return acc
@@ -129,7 +133,7 @@ def _sum_squares(tensors) -> torch.Tensor:
     """Σx² over flat fp32/bf16/fp16 tensors on one device, fp64 0-d; one read pass (the
     norm's phase 1 and its one-program finalize), no sync."""
     flat = [t.view(-1) for t in tensors]
-    impl = _backend.implementation(flat[0].device)
+    impl = _backend.operators(flat[0].device)
     norm = impl.finalize(impl.norm_partials(flat, 1.0, 2.0), 1.0, None, 2.0, 0.0)[0]
     return norm.double().square()
 
@@ -206,7 +210,7 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     inv = _scalar(inv_scale, "inv_scale", device)
     if reduce_partials is not None and not callable(reduce_partials):
         raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
-    impl = _backend.implementation(device)
+    impl = _backend.operators(device)
     partials = impl.norm_partials(flat, inv, p, out=out)
     if reduce_partials is not None:
         # Ranks with shards of different sizes get different slot counts from the kernels; a

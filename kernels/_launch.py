@@ -6,6 +6,9 @@ small number of per-program partial slots: the same bucket size always gives the
 partials in the same order, hence bitwise-identical norms across calls and GPUs.
 """
 
+import contextlib
+import contextvars
+
 import triton
 
 BLOCK = 4096
@@ -19,3 +22,27 @@ def grid_for(numel: int, max_programs: int = MAX_PROGRAMS) -> tuple[int, int]:
     tiles = triton.cdiv(numel, BLOCK)
     programs = max(1, min(tiles, max_programs))
     return programs, triton.cdiv(tiles, programs)
+
+
+# Set while a torch.library.triton_op body traces (fusedaccum._library): the launches then go
+# through torch.library.wrap_triton, so torch.compile sees the kernels. Off otherwise, because
+# wrap_triton's dispatch outside a triton_op costs time on every eager launch.
+_TRACEABLE = contextvars.ContextVar("fusedaccum_traceable_launches", default=False)
+
+
+@contextlib.contextmanager
+def traceable_launches():
+    token = _TRACEABLE.set(True)
+    try:
+        yield
+    finally:
+        _TRACEABLE.reset(token)
+
+
+def launcher(kernel):
+    """``kernel``, or ``torch.library.wrap_triton(kernel)`` inside ``traceable_launches()``."""
+    if _TRACEABLE.get():
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for, launcher
 from ._tile import load_tile, store_tile, to_f32
 
 
@@ -100,7 +100,7 @@ def accumulate_(
     from_ptr = isinstance(scale, torch.Tensor)
     programs, tiles = grid_for(n, max_programs)
     # Grid: one program per tile, capped at max_programs; each walks its tiles grid-stride.
-    accumulate_kernel[(programs,)](
+    launcher(accumulate_kernel)[(programs,)](
         acc,
         grad,
         scale if from_ptr else acc,  # unused pointer when the scale is a float

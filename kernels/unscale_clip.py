@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for
+from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for, launcher
 from ._exponents import log2_split, pow2, scale_exponent
 from ._tile import load_tile, store_tile, to_f32
 
@@ -329,7 +329,7 @@ def norm_partials(
     for i, (b, (programs, tiles)) in enumerate(zip(buckets, grids)):
         limit = store_limit(b.dtype if out is None else out[i].dtype)
         # Grid: one program per tile up to max_programs; program k owns partial slot slot_base + k.
-        norm_partials_kernel[(programs,)](
+        launcher(norm_partials_kernel)[(programs,)](
             b if b.numel() else partials, inv_ptr, inv_value, partials, slot_base, num_slots, b.numel(), tiles, p,
             limit,
             INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -358,7 +358,7 @@ def finalize(
     stats = torch.empty(STATS_SIZE, dtype=torch.float32, device=partials.device)
     inv_ptr, inv_value, inv_from_ptr = _inv_args(inv_scale, stats)
     # Grid: a single program folds all slots.
-    finalize_kernel[(1,)](
+    launcher(finalize_kernel)[(1,)](
         partials, partials.shape[-1], stats, inv_ptr, inv_value,
         0.0 if max_norm is None else float(max_norm), float(eps), p,
         INV_FROM_PTR=inv_from_ptr, NORM_KIND=kind, HAS_MAX_NORM=max_norm is not None,
@@ -381,7 +381,7 @@ def apply(
         if programs == 0:
             continue
         # Grid: as in norm_partials; each program walks its tiles grid-stride.
-        apply_kernel[(programs,)](
+        launcher(apply_kernel)[(programs,)](
             b, b if out is None else out[i], stats, b.numel(), tiles,
             SKIP_IF_NONFINITE=skip_if_nonfinite, BLOCK=BLOCK, num_warps=NUM_WARPS,
         )
