@@ -3,6 +3,7 @@ and the finalize only and hands grad_scale = 1/coef and found_inf to the optimiz
 divides in its kernel and writes the quotient back to .grad. Results must equal the apply
 pass's (fold turned off) to the fp32 tolerances, and the float64 large-batch gradient."""
 
+import contextlib
 import math
 
 import pytest
@@ -50,8 +51,23 @@ class _Applies:
 def _run(opt_name, max_norm, data, bad=(), fold=True, monkeypatch=None):
     """Windows of K micro-batches; a window in ``bad`` gets an inf loss factor (found_inf).
     Returns the model, the optimizer, per-window (grads after the step, stats, state steps)."""
-    if not fold:
-        monkeypatch.setattr(_optim, "FOLD_TYPES", ())
+    with _fold_off(monkeypatch, not fold):
+        return _windows(opt_name, max_norm, data, bad)
+
+
+@contextlib.contextmanager
+def _fold_off(monkeypatch, off: bool):
+    """A context in which no optimizer folds (the apply pass always runs); the test's other
+    patches (the backend) stay."""
+    if not off:
+        yield
+        return
+    with monkeypatch.context() as m:
+        m.setattr(_optim, "FOLD_TYPES", ())
+        yield
+
+
+def _windows(opt_name, max_norm, data, bad):
     model = _model()
     acc = fusedaccum.GradAccumulator(model.parameters(), K, max_norm=max_norm)
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
@@ -63,8 +79,6 @@ def _run(opt_name, max_norm, data, bad=(), fold=True, monkeypatch=None):
         result = acc.step(opt)
         log.append(([p.grad.clone() for p in model.parameters()], (float(result.total_norm),
                     float(result.found_inf)), [s.get("step", torch.zeros(())).clone() for s in opt.state.values()]))
-    if not fold:
-        monkeypatch.undo()
     return model, opt, log
 
 
@@ -197,3 +211,29 @@ def test_grad_scale_cleared_after_step():
     before, g = p.detach().clone(), p.grad.clone()
     opt.step()
     torch.testing.assert_close(p.detach(), before - g)
+
+
+def test_fold_with_loss_scaler(backend, monkeypatch):
+    """A LossScaler's unscale rides in coef: the fold gives the apply pass's weights, and the
+    scaler backs off on the overflowing window alike."""
+    def run(fold):
+        with _fold_off(monkeypatch, not fold):
+            return windows()
+
+    def windows():
+        model = _model()
+        scaler = fusedaccum.LossScaler(init_scale=2.0 ** 10, growth_interval=1)
+        acc = fusedaccum.GradAccumulator(model.parameters(), K, max_norm=0.05, scaler=scaler)
+        opt = OPTIMIZERS["AdamW"](list(model.parameters()))
+        for w, window in enumerate(_data(3)):
+            for i, (x, y) in enumerate(window):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                acc.backward(loss * math.inf if (w == 1 and i == 0) else loss)
+            acc.step(opt)
+        return list(model.parameters()), scaler.get_scale()
+
+    params, scale = run(True)
+    params_ref, scale_ref = run(False)
+    assert scale == scale_ref
+    for p, r in zip(params, params_ref):
+        torch.testing.assert_close(p, r, rtol=RTOL, atol=ATOL)
