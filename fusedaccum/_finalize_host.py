@@ -48,3 +48,26 @@ def finalize_host(partials: torch.Tensor, inv_scale, max_norm, norm_type: float,
     nonfinite = worst > 0 or not math.isfinite(norm) or not math.isfinite(inv)
     return torch.tensor([norm, float(nonfinite or overflow), coef, float(overflow and not nonfinite)],
                         dtype=torch.float32)
+
+
+def host_partials(buckets, out, sum_of_squares) -> "torch.Tensor | None":
+    """``norm_partials`` of the CPU fast path for the 2-norm (finite inv_scale, every result
+    stored as fp32), built from host numbers in one tensor instead of ~35 0-d tensor ops; None
+    when a bucket is outside it (a narrow destination, a sum outside SAFE_SUM). The same values
+    as the tensor path: sum = the fp64 fold rounded to fp32, exponent 0, code 0 (every x finite,
+    inv finite), max|x| 0 (not needed: no store can overflow), limit inf; an empty bucket
+    (0, -126, 0, 0, inf)."""
+    if any((b if out is None else out[i]).dtype != torch.float32 for i, b in enumerate(buckets)):
+        return None
+    cols = []
+    for b in buckets:
+        if b.numel() == 0:
+            cols.append((0.0, -126.0))
+            continue
+        total = sum_of_squares(b)
+        if total is None:
+            return None
+        cols.append((float(_F32(float(total))), 0.0))
+    n = len(cols)
+    return torch.tensor([[c[0] for c in cols], [c[1] for c in cols], [0.0] * n, [0.0] * n, [math.inf] * n],
+                        dtype=torch.float32)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ._finalize_host import finalize_host
+from ._finalize_host import finalize_host, host_partials
 
 # Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels.unscale_clip), one
 # column per slot. Every row folds across slots, so the partials of several ranks concatenated
@@ -195,6 +195,10 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     # host knows; elsewhere min|x| is taken with the max (aminmax, the same pass).
     host = _reads_host(device)
     need_min = not host or math.isinf(float(inv))
+    if host and norm_type == 2.0 and not need_min and math.isfinite(float(inv)):
+        fast = host_partials(buckets, out, _fast_sum_of_squares)
+        if fast is not None:
+            return fast
     cols = []  # per bucket: (sum, exponent, max|x| or None when not needed, holds a zero)
     limits = []
     scratch = torch.empty(0, dtype=torch.float32, device=device)

@@ -42,3 +42,19 @@ def test_host_finalize_equals_tensor_path(seed, monkeypatch):
         assert torch.equal(host.isnan(), tensor.isnan()), (args, host, tensor)
         assert torch.equal(host.nan_to_num().view(torch.int32), tensor.nan_to_num().view(torch.int32)), \
             (args, host, tensor)
+
+
+@pytest.mark.parametrize("sizes", [[0], [1], [1000, 0, 2049], [5000]])
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e25])
+def test_host_partials_equal_tensor_path(sizes, scale, monkeypatch):
+    """The CPU 2-norm fast path's partials built on the host equal the tensor path's, and
+    finalize to the same stats; out of SAFE_SUM (scale 1e25, 1e-20) both take the scaled path."""
+    g = torch.Generator().manual_seed(sum(sizes))
+    buckets = [torch.randn(n, generator=g) * scale for n in sizes]
+    inv = torch.tensor(0.5)
+    host = reference.norm_partials(buckets, inv, 2.0)
+    with monkeypatch.context() as m:
+        m.setattr(reference, "host_partials", lambda *a: None)
+        tensor = reference.norm_partials(buckets, inv, 2.0)
+    assert torch.equal(host, tensor)
+    assert torch.equal(reference.finalize(host, inv, 1.0, 2.0, 1e-6), reference.finalize(tensor, inv, 1.0, 2.0, 1e-6))
