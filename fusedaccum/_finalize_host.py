@@ -10,14 +10,14 @@ import torch
 _F32 = numpy.float32
 
 
-def finalize_host(partials: torch.Tensor, inv_scale, max_norm, norm_type: float, eps: float) -> torch.Tensor:
-    """``finalize`` for CPU partials (p = 1, 2, inf), in Python and numpy fp32 scalars: the same
+def finalize_host(partials: list, inv_scale: float, max_norm, norm_type: float, eps: float) -> torch.Tensor:
+    """``finalize`` of CPU partials (p = 1, 2, inf; their rows as lists), in Python and numpy fp32 scalars: the same
     operations as the tensor path, in the same precisions and order (its ~25 tensor ops cost
     ~140 us per step on the CPU; this, one read of the partials and one tensor, ~20 us). The
     slots are added left to right; the tensor path's sum may pair them differently (fp64, then
     rounded to fp32)."""
-    sums, exps, code, maxes, limits = partials.tolist()
-    inv = _F32(float(inv_scale))  # fp32 already (ops._scalar): exact
+    sums, exps, code, maxes, limits = partials  # the partials' rows as lists (reference.py reads them)
+    inv = _F32(inv_scale)  # fp32 already (ops._scalar): exact
     a_inv = abs(float(inv))
     worst = max(code, default=0.0)
     if not sums:
@@ -64,10 +64,10 @@ def host_partials(buckets, out, sum_of_squares) -> "torch.Tensor | None":
         if b.numel() == 0:
             cols.append((0.0, -126.0))
             continue
-        total = sum_of_squares(b)
+        total = sum_of_squares(b)  # a float, or None
         if total is None:
             return None
-        cols.append((float(_F32(float(total))), 0.0))
+        cols.append((float(_F32(total)), 0.0))
     n = len(cols)
     return torch.tensor([[c[0] for c in cols], [c[1] for c in cols], [0.0] * n, [0.0] * n, [math.inf] * n],
                         dtype=torch.float32)

@@ -297,9 +297,9 @@ class GradAccumulator:
 
         Closing: one fused pass computes the norm and the inf/NaN flag of the normalized,
         unscaled gradient, and writes ``grad * inv * min(1, max_norm / (norm + eps))`` into
-        every ``param.grad`` (parameter dtype; it stays there until the next window's first
-        ``backward``). Then ``optimizer.step()`` runs unless inf/NaN was found, the scaler
-        is updated, and a new window starts.
+        every ``param.grad`` (parameter dtype, until the next window's first ``backward``; torch's
+        fused Adam/AdamW/SGD/Adagrad over fp32 parameters write it in their own kernel). Then
+        ``optimizer.step()`` runs unless inf/NaN was found, the scaler is updated, and a new window starts.
 
         Host syncs: none with a fused optimizer (``AdamW(fused=True)``...) once every parameter
         with a gradient has its optimizer state; otherwise exactly one per optimizer step

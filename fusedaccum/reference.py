@@ -196,7 +196,7 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     host = _reads_host(device)
     need_min = not host or math.isinf(float(inv))
     if host and norm_type == 2.0 and not need_min and math.isfinite(float(inv)):
-        fast = host_partials(buckets, out, _fast_sum_of_squares)
+        fast = host_partials(buckets, out, lambda b: None if (t := _fast_sum_of_squares(b)) is None else float(t))
         if fast is not None:
             return fast
     cols = []  # per bucket: (sum, exponent, max|x| or None when not needed, holds a zero)
@@ -279,7 +279,7 @@ def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm
     is 1.0 when found_inf comes from an overflow on store alone (every value finite)."""
     device = partials.device
     if _reads_host(device) and (math.isinf(norm_type) or norm_type in (1.0, 2.0)):  # the same math, host scalars
-        return finalize_host(partials, inv_scale, max_norm, norm_type, eps)
+        return finalize_host(partials.tolist(), float(inv_scale), max_norm, norm_type, eps)
     inv = _inv(inv_scale, device)
     sums, exps, code, maxes, limits = partials.unbind(0)
     zero = torch.zeros((), dtype=torch.float32, device=device)
