@@ -6,7 +6,7 @@ import weakref
 
 import torch
 
-__all__ = ["OptimizerMemo", "check_optimizer", "optimizer_step"]
+__all__ = ["Fold", "OptimizerMemo", "check_optimizer", "optimizer_step", "window_step"]
 
 
 class OptimizerMemo:
@@ -93,15 +93,58 @@ def takes_grad_scaler(optimizer) -> bool:
     return _GRAD_SCALER_KWARG[cls]
 
 
-def optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
+# torch's optimizers whose fused kernels divide every gradient by ``grad_scale`` in registers,
+# write the quotient back to ``.grad`` and leave params, state and step count as they were when
+# ``found_inf`` is 1 (ATen FusedAdamKernel, FusedSGDKernel, FusedAdagradKernel; fused_adam_utils.cuh).
+# Exact types: a subclass may override step() and ignore the two attributes.
+FOLD_TYPES = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+# The devices whose fused kernels read grad_scale and found_inf (MPS ignores both).
+FOLD_DEVICES = ("cuda", "cpu", "xpu")
+
+
+class Fold:
+    """Whether a window's multiplier can go to the optimizer instead of the apply pass.
+
+    It can when every parameter is an fp32 plain tensor on a device in ``FOLD_DEVICES``
+    (bf16/fp16 need the apply pass to round into their landing bucket, and the store-overflow
+    check is about that rounding; DTensor shards are left to the apply pass), the optimizer is
+    exactly one of ``FOLD_TYPES`` with ``fused=True`` in every param group, and it steps every
+    parameter of the accumulator (else the ones it leaves would keep the raw sum in ``.grad``)."""
+
+    def __init__(self, params, device: torch.device):
+        from ._dtensor import is_dtensor
+
+        self._possible = device.type in FOLD_DEVICES and all(
+            p.dtype == torch.float32 and not is_dtensor(p) for p in params)
+        self._ids = {id(p) for p in params}
+        self._covers = OptimizerMemo()
+
+    def __call__(self, optimizer) -> bool:
+        if not (self._possible and type(optimizer) in FOLD_TYPES
+                and all(g.get("fused") for g in optimizer.param_groups)):
+            return False
+        covers = self._covers.get(optimizer)
+        if covers is None:
+            covers = self._ids <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+            self._covers.set(optimizer, covers)
+        return covers
+
+
+def optimizer_step(optimizer, found_inf: torch.Tensor, coef: "torch.Tensor | None" = None) -> None:
     """``optimizer.step()`` unless ``found_inf``: decided on the device for fused optimizers
-    whose state exists, with one ``found_inf.item()`` otherwise."""
+    whose state exists, with one ``found_inf.item()`` otherwise. ``coef`` (a ``Fold``
+    optimizer only): the gradients still hold the raw sums, and the optimizer multiplies them
+    by ``coef`` (divides by ``grad_scale = 1 / coef``) on its way, writing the result back."""
+    # 1 / coef in fp32, as GradScaler's grad_scale: coef = 0 (max_norm = 0) gives inf, and
+    # g / inf = 0 with g's sign, as g * 0. A coef below 2**-128 (1 / coef beyond fp32) flushes
+    # the gradient to 0 where the apply pass would give |g| * coef (docs/kernels.md, "The fold").
+    grad_scale = None if coef is None else coef.reciprocal()
     if (getattr(optimizer, "_step_supports_amp_scaling", False) and not takes_grad_scaler(optimizer)
             and state_survives_device_skip(optimizer)):
-        # torch.amp.GradScaler's contract for fused optimizers: the gradients are already
-        # unscaled (grad_scale None); found_inf makes the kernel skip the update, and
-        # undo its step count, on the device.
-        optimizer.grad_scale = None
+        # torch.amp.GradScaler's contract for fused optimizers: grad_scale divides the
+        # gradients (None: already unscaled); found_inf makes the kernel skip the update,
+        # and undo its step count, on the device.
+        optimizer.grad_scale = grad_scale
         optimizer.found_inf = found_inf
         try:
             optimizer.step()
@@ -109,4 +152,22 @@ def optimizer_step(optimizer, found_inf: torch.Tensor) -> None:
             del optimizer.grad_scale
             del optimizer.found_inf
     elif not found_inf.item():  # the one host sync per optimizer step, documented in GradAccumulator.step
-        optimizer.step()
+        if grad_scale is None:
+            optimizer.step()
+            return
+        optimizer.grad_scale = grad_scale  # state missing: the skip was decided on the host
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+
+
+def window_step(optimizer, stats: torch.Tensor, owed, fold: Fold, synced) -> None:
+    """The step of a closed window whose apply pass ``owed`` (a callable, run at most once:
+    ``ops.OwedApply``) has not run yet: handed to a ``fold`` optimizer as its ``grad_scale``,
+    else run here, then ``synced()`` (the accumulator wrote its buckets itself)."""
+    folded = owed.pending and fold(optimizer)
+    if owed.pending and not folded:
+        owed()
+        synced()
+    optimizer_step(optimizer, stats[1], stats[2] if folded else None)

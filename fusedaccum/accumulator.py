@@ -13,7 +13,7 @@ Bucket life cycle (``b`` one ``GradBuckets`` bucket):
         first backward of a window: b.accum.zero_()   (not earlier: after step() it holds the
                                                        processed gradient, kept for inspection)
         backward: autograd adds into the views in place
-        step:     b.accum *= coef  (in place)         -> param.grad = processed gradient
+        step:     b.accum *= coef  (in place; a fused torch optimizer: in its step) -> param.grad = processed gradient
     bf16/fp16 params (param.grad are views of b.landing, b.accum is fp32):
         first backward of a window: b.landing.zero_() (it holds the processed gradient)
         after each backward: accumulate_(b.accum, b.landing, zero_grad=True,
@@ -136,8 +136,9 @@ class GradAccumulator:
         self._param_ids = {id(p) for p in self.buckets.params}
         self._accums = [b.accum for b in self.buckets]
         self._lowp = [b for b in self.buckets if b.landing is not None]
-        self._store_watch = StoreOverflowWatch()  # store-overflow skips in a row, without a scaler
-        self._optimizers_checked = _optim.OptimizerMemo()
+        # Store-overflow skips in a row, without a scaler (only fp16/bf16 gradients can overflow on store).
+        self._store_watch = StoreOverflowWatch() if any(b.dtype != torch.float32 for b in self.buckets) else None
+        self._optimizers_checked, self._fold = _optim.OptimizerMemo(), _optim.Fold(self.buckets.params, self.device)
         self._bn = _validate.BatchNormWatch(self.accumulation_steps)
         self._signals = _signals.WindowSignals(self.buckets, noise_settings, sq_slots)
         self._wrapper_syncs = False  # the current micro-batch's backward runs a wrapper's reduction
@@ -150,7 +151,7 @@ class GradAccumulator:
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
         self._win = Window()
-        self._processed = None  # (stats, items, signals) once step() closed the window and the optimizer has not run
+        self._processed = None  # (stats, items, signals, owed apply) once step() closed the window, the optimizer not run
         self._parts = 0  # backwards of the open micro-batch so far (end_micro_batch=False)
         self._win_scale = None  # the loss scale of the window's micro-batches (scaler.window_scale)
         self._signals.reset()
@@ -302,9 +303,9 @@ class GradAccumulator:
 
         Closing: one fused pass computes the norm and the inf/NaN flag of the normalized,
         unscaled gradient, and writes ``grad * inv * min(1, max_norm / (norm + eps))`` into
-        every ``param.grad`` (parameter dtype; it stays there until the next window's first
-        ``backward``). Then ``optimizer.step()`` runs unless inf/NaN was found, the scaler
-        is updated, and a new window starts.
+        every ``param.grad`` (parameter dtype, until the next window's first ``backward``; torch's
+        fused Adam/AdamW/SGD/Adagrad over fp32 parameters write it in their own kernel). Then
+        ``optimizer.step()`` runs unless inf/NaN was found, the scaler is updated, and a new window starts.
 
         Host syncs: none with a fused optimizer (``AdamW(fused=True)``...) once every parameter
         with a gradient has its optimizer state; otherwise exactly one per optimizer step
@@ -337,15 +338,15 @@ class GradAccumulator:
             self._guard.sync()
         else:
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
-        stats, items, signals = self._processed
+        stats, items, signals, owed = self._processed
         total_norm, found_inf = stats[0], stats[1]
         # If the optimizer raises, the window stays closed and processed: a retry steps with
         # the same gradient instead of normalizing and clipping it a second time.
         with self._guard.stepping():
-            _optim.optimizer_step(optimizer, found_inf)
+            _optim.window_step(optimizer, stats, owed, self._fold, self._guard.sync)  # apply, or fold into fused
         if self._scale_active():
             self.scaler.update(found_inf, store_overflow=stats[3])
-        elif self._lowp:  # no scaler: the same warning for a window that can never fit its fp16/bf16 gradient
+        elif self._store_watch is not None:  # no scaler: a window that never fits its fp16/bf16 gradient warns too
             self._store_watch.note(stats[3] != 0)
         loss, noise, items_per_micro = signals
         micro = self._win.micro
@@ -360,9 +361,9 @@ class GradAccumulator:
                           loss=loss, noise_scale=noise, accumulation_steps_change=change)
 
     def _close_window(self, force: bool):
-        """The engine's reductions, then the fused unscale/norm/clip pass into param.grad.
-        Returns (stats, the window's item count for the result, (loss, noise, items per
-        micro-batch)). The window's signals ride on the engine's count all-reduce."""
+        """The engine's reductions, then the norm pass and the finalize. Returns (stats, the window's
+        item count for the result, (loss, noise, items per micro-batch), the apply pass owed: step's
+        or a fused optimizer's, see _optim.window_step). The signals ride on the engine's count all-reduce."""
         win = self._win
         # Only what has to travel is packed: one process without statistics needs the loss alone.
         lean = self._signals.tracker is None and not self._engine.communicates
@@ -379,8 +380,9 @@ class GradAccumulator:
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
         scale = self._win_scale
-        stats = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type, CLIP_EPS,
-                                    out=self.buckets.step_outputs(), reduce_partials=self._engine.reduce_partials)
+        stats, owed = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type,
+                                          CLIP_EPS, out=self.buckets.step_outputs(),
+                                          reduce_partials=self._engine.reduce_partials, apply=False)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
         # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)
         sums = win.sums(self._signals.local_loss(self.device).reshape(1)) if lean else win.signals[:4]
@@ -388,7 +390,7 @@ class GradAccumulator:
         count = items if win.items_given else micro  # items (or micro-batches) over all ranks
         loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))
         self._usage.drop_unused(win.signals[5:] if self._engine.communicates else None)
-        return stats, items, (loss, noise, None if noise is None else count / micro)
+        return stats, items, (loss, noise, None if noise is None else count / micro), owed
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -153,7 +153,7 @@ def _as_list(tensors, name: str) -> list:
 
 @torch.no_grad()
 def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
-                        out=None, skip_if_nonfinite=True, reduce_partials=None) -> torch.Tensor:
+                        out=None, skip_if_nonfinite=True, reduce_partials=None, apply=True):
     """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef, store_overflow]``
     tensor; ``store_overflow`` is 1.0 when found_inf comes from an overflow on store alone (all
     values finite, a result too large for its fp16/bf16 destination: no loss scale cures it).
@@ -163,7 +163,9 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     ``apply`` (one read-write pass). ``reduce_partials``, a callable ``partials -> partials``,
     runs between the first two: concatenating the partials of several ranks along the last
     dim (``torch.cat(..., -1)`` of an ``all_gather``) makes the stats those of the union of
-    all ranks' buckets (sharded gradients). It must keep the device and the number of rows."""
+    all ranks' buckets (sharded gradients). It must keep the device and the number of rows.
+    ``apply=False`` stops after the finalize and returns ``(stats, OwedApply)``: the apply pass
+    is the caller's to run later, or to hand to a fused optimizer (``_optim.Fold``)."""
     buckets = _as_list(buckets, "buckets")
     if not buckets:
         raise ValueError("buckets is empty")
@@ -225,8 +227,27 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
                                 if isinstance(reduced, torch.Tensor) else type(reduced).__name__))
         partials = reduced
     stats = impl.finalize(partials, inv, max_norm, p, eps)
-    impl.apply(flat, stats, out, bool(skip_if_nonfinite))
+    owed = OwedApply(functools.partial(impl.apply, flat, stats, out, bool(skip_if_nonfinite)))
+    if not apply:
+        return stats, owed
+    owed()
     return stats
+
+
+class OwedApply:
+    """The apply pass of a finalized ``_unscale_clip_stats``: runs once, on the first call."""
+
+    def __init__(self, run):
+        self._run = run
+
+    @property
+    def pending(self) -> bool:
+        return self._run is not None
+
+    def __call__(self) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            run()
 
 
 def _pad_slots(partials: torch.Tensor, width: int) -> torch.Tensor:

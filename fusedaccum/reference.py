@@ -3,7 +3,8 @@
 oracle of the tests. It runs on any device, with no host synchronisation: on other devices
 every decision is taken on the device; on the CPU, where the data already is on the host, it
 reads three of its own values (whether the 2-norm's fast path is in range, whether inv_scale
-is infinite, whether to skip the write) to spare a pass, which is no synchronisation.
+is infinite, whether to skip the write) to spare a pass, and folds the partials on the host
+(``_finalize_host``: a step's fixed cost), which is no synchronisation.
 
 Inputs are validated by ``fusedaccum.ops`` before they get here.
 """
@@ -11,6 +12,8 @@ Inputs are validated by ``fusedaccum.ops`` before they get here.
 import math
 
 import torch
+
+from ._finalize_host import finalize_host, host_partials
 
 # Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels.unscale_clip), one
 # column per slot. Every row folds across slots, so the partials of several ranks concatenated
@@ -192,6 +195,10 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     # host knows; elsewhere min|x| is taken with the max (aminmax, the same pass).
     host = _reads_host(device)
     need_min = not host or math.isinf(float(inv))
+    if host and norm_type == 2.0 and not need_min and math.isfinite(float(inv)):
+        fast = host_partials(buckets, out, lambda b: None if (t := _fast_sum_of_squares(b)) is None else float(t))
+        if fast is not None:
+            return fast
     cols = []  # per bucket: (sum, exponent, max|x| or None when not needed, holds a zero)
     limits = []
     scratch = torch.empty(0, dtype=torch.float32, device=device)
@@ -271,6 +278,8 @@ def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm
     partials (of one or of several ranks, concatenated along the slots); ``store_overflow``
     is 1.0 when found_inf comes from an overflow on store alone (every value finite)."""
     device = partials.device
+    if _reads_host(device) and (math.isinf(norm_type) or norm_type in (1.0, 2.0)):  # the same math, host scalars
+        return finalize_host(partials.tolist(), float(inv_scale), max_norm, norm_type, eps)
     inv = _inv(inv_scale, device)
     sums, exps, code, maxes, limits = partials.unbind(0)
     zero = torch.zeros((), dtype=torch.float32, device=device)

@@ -11,6 +11,7 @@ import torch
 
 import fusedaccum
 
+from .fold_cases import fold_group
 from .layouts import GPT2_SMALL, GPT2_TINY, LIST_LAYOUTS, _layout_views, _ntensors, split_sizes
 from .workloads import (MAX_NORM, NullOptimizer, _acc_expr, _compiled, _dt, _holders, _InjectGrads, _norm_expr,
                         _randn, _total_norm, _unscale_clip_expr, norm_pass, torch_chain)
@@ -325,6 +326,7 @@ def build_plan(sizes, device, *, compile_=True, quick=False) -> list:
             groups.append(window_group(n, device))
         if hasattr(fusedaccum, "NoiseScaleSettings"):
             groups += [signals_window_group(n, device, torch.float32), signals_window_group(n, device, torch.bfloat16)]
+        groups += [fold_group(n, device, "AdamW"), fold_group(n, device, "SGD")]
     groups += gpt2_groups(device, GPT2_TINY if quick else GPT2_SMALL, "gpt2-tiny" if quick else "gpt2-small")
     return groups
 

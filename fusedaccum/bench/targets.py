@@ -30,6 +30,7 @@ def targets(results: dict) -> list:
                                           f"on the {name} parameter list ({r['size']:,} elements)",
                                 "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
                                 "met": x >= 1.8})
+        out += _fold_targets(rows)
         return out
     big = [r for r in rows if r["size"] >= 10**8 and r.get("median_s") and r.get("ours")]
     for r in big:
@@ -52,3 +53,20 @@ def targets(results: dict) -> list:
                     "value": f"max {max(syncs)}", "met": max(syncs) == 0})
     return out
 
+
+
+def _fold_targets(rows) -> list:
+    """CPU: the window step with AdamW(fused=True), the multiplier folded into it, against the
+    optimizer step alone, at N >= 1e8 (fusedaccum/bench/fold_cases.py)."""
+    out = []
+    op = "window step + AdamW(fused) fp32"
+    for r in rows:
+        if r["op"] == op and r["impl"] == "fusedaccum (fold)" and r["size"] >= 10**8 and r.get("median_s"):
+            base = _find(rows, op, "torch AdamW(fused=True).step() alone", r["layout"], r["size"])
+            if base:
+                x = r["median_s"] / base["median_s"]
+                out.append({"target": f"CPU: fp32 AdamW(fused=True) window step <= 1.45x the optimizer step alone "
+                                      f"at N={_fmt_n(r['size'])}",
+                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
+                            "met": x <= 1.45})
+    return out
