@@ -7,27 +7,12 @@ multiplier and applied by one fused pass at the step (``ops._unscale_clip_stats`
 Because the normalizer is applied last, a partial last window and micro-batches of
 different sizes are exact without any bookkeeping on the user's side.
 
-Bucket life cycle (``b`` one ``GradBuckets`` bucket):
+The buckets' life cycle per dtype (fp32, bf16/fp16 through a landing buffer or directly):
+docs/kernels.md, "Bucket life cycle".
 
-    fp32 params (param.grad are views of b.accum):
-        first backward of a window: b.accum.zero_()   (not earlier: after step() it holds the
-                                                       processed gradient, kept for inspection)
-        backward: autograd adds into the views in place
-        step:     b.accum *= coef  (in place; a fused torch optimizer: in its step) -> param.grad = processed gradient
-    bf16/fp16 params (param.grad are views of b.landing, b.accum is fp32):
-        first backward of a window: b.landing.zero_() (it holds the processed gradient)
-        after each backward: accumulate_(b.accum, b.landing, zero_grad=True,
-                                         overwrite=<first micro-batch>)   one pass; the
-                             overwrite makes the reset of b.accum free (no zero pass)
-        step:     b.landing = b.accum * coef           -> param.grad = processed gradient
-    bf16/fp16 direct (grad_dtype; not FSDP2/noise_scale): as fp32, step into a transient bf16/fp16 out
-
-The only host sync on the step path is ``found_inf.item()`` for optimizers without the
-fused AMP contract (one per optimizer step); see ``GradAccumulator.step``.
-
-Data parallel: the accumulator asks its engine (``fusedaccum.parallel``, one object per
-engine: none, process group, DDP) what a micro-batch runs in, what the step reduces before
-the norm and how the normalizer becomes global; it holds no engine-specific branch.
+Host syncs on the step path, and when: docs/guide.md, "Host syncs". Data parallel: the
+accumulator asks its engine (``fusedaccum.parallel``: one object per engine) what a
+micro-batch runs in and what the step reduces; it holds no engine-specific branch.
 """
 
 import contextlib
