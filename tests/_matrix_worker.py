@@ -13,9 +13,7 @@ Run as a script, it is one rank of a gloo world (rendezvous through a FileStore,
 timeout 30 s): ``python _matrix_worker.py RANK WORLD RDZV OUT_DIR ENGINE,ENGINE``.
 """
 
-import datetime
 import io
-import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from _multiproc import run_worker
 
 K = 3
 WINDOWS = 4  # the last one is forced short (2 micro-batches on every rank)
@@ -280,19 +280,9 @@ def run_engine(name, rank, world):
 
 
 def worker(rank, world, rdzv, out_dir, engines):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    results = {}
-    try:
-        for name in engines:
-            results[name] = run_engine(name, rank, world)
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    # run_engine records each cell's failure itself; anything else escaping is a crash of the rank.
+    run_worker(rank, world, rdzv, out_dir, engines, lambda name: run_engine(name, rank, world), 30,
+               record_errors=False)
 
 
 if __name__ == "__main__":

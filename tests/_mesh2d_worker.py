@@ -6,9 +6,8 @@ the test (which computes the float64 one-process reference from them).
 """
 
 import datetime
-import os
+import functools
 import sys
-import traceback
 
 import torch
 from torch import nn
@@ -218,23 +217,13 @@ NAMES = ["micro_batch", "window", "clip", "refusals"]
 
 
 def worker(rank, world, rdzv, out_dir):
-    import torch.distributed as dist
+    from _multiproc import run_worker
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world, timeout=TIMEOUT)
-    mesh = mesh_of((2, 2), ("dp", "tp"))
-    results = {}
-    try:
-        for name in NAMES:
-            try:
-                results[name] = SCENARIOS[name](mesh)
-            except Exception:  # recorded for the test; the ranks may now disagree: stop
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        # No destroy_process_group: after a timed-out collective it could wait on the peers.
+    # Built once, after the group exists and before the first scenario, on every rank alike.
+    mesh = functools.cache(lambda: mesh_of((2, 2), ("dp", "tp")))
+    # No destroy_process_group: after a timed-out collective it could wait on the peers.
+    run_worker(rank, world, rdzv, out_dir, NAMES, lambda name: SCENARIOS[name](mesh()), TIMEOUT.total_seconds(),
+               destroy=False)
 
 
 if __name__ == "__main__":

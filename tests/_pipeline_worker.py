@@ -6,7 +6,6 @@ Every group is built with a collective timeout, so a mismatch fails instead of h
 import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedaccum  # noqa: E402
+from _multiproc import run_worker  # noqa: E402
 
 DIMS = (4, 8, 8, 8, 3)  # layers 0-1 on stage 0, 2-3 on stage 1
 # rows[window][dp index] = rows of each micro-batch; window 1 overflows on stage 0 (skipped
@@ -106,14 +106,8 @@ def train(rank, world):
 
 
 def main(rank, world, rdzv, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        result = train(rank, world)
-    except Exception:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    # Saves {"train": record}; a failure is saved as the record {"error": traceback}.
+    run_worker(rank, world, rdzv, out_dir, ["train"], lambda _: train(rank, world), TIMEOUT.total_seconds())
 
 
 if __name__ == "__main__":

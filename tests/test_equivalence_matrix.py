@@ -18,13 +18,12 @@ measured differences are ~1e-7, a wrong normalization, clip or skip moves them b
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import _matrix_worker as mw
+import _multiproc as mp
 
 WORLD = 2
 TOL = 1e-5
@@ -33,25 +32,9 @@ ENGINES = ["local", "group", "ddp", "fsdp2"]
 
 
 def _launch(tmp_path, engine, timeout=240):
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
     script = os.path.join(os.path.dirname(__file__), "_matrix_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(rank), str(WORLD), str(tmp_path / "rdzv"), str(tmp_path),
-                               engine], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{engine}: the workers did not finish in {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"{engine} rank {rank} exited with {p.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)[engine] for rank in range(WORLD)]
+    ranks = mp.launch(script, tmp_path, WORLD, [engine], timeout, label=f"{engine}: the workers")
+    return [r[engine] for r in ranks]
 
 
 @pytest.fixture(scope="module")

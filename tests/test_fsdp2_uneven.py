@@ -13,16 +13,14 @@ saves what it saw; the tests compare it with torch's clip on the same gradients 
 float64 large-batch reference computed here.
 """
 
-import datetime
-import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _multiproc as mp
 
 DIMS = (13, 21, 7, 5, 1)
 K = 3
@@ -118,50 +116,15 @@ SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if na
 
 
 def worker(rank, world, rdzv, out_dir, names):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     # Short: a collective mismatch (the hang this file tests for) fails within seconds.
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=10))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](rank, world)
-            except Exception:  # recorded for the test; the ranks may now disagree: stop
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        # No destroy_process_group: after a timed-out collective it could wait on the peers.
+    # No destroy_process_group: after a timed-out collective it could wait on the peers.
+    mp.run_worker(rank, world, rdzv, out_dir, names, lambda name: SCENARIOS[name](rank, world), 10, destroy=False)
 
 
 # ---------------------------------------------------------------- launching (pytest side)
 
 def launch(tmp_path, world, names, timeout=90):
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(world), str(tmp_path / "rdzv"),
-                               str(tmp_path), ",".join(names)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish in {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    ranks = []
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        path = tmp_path / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} exited with {p.returncode} and saved nothing:\n{log}"
-        ranks.append(torch.load(path, weights_only=False))
-    return ranks
+    return mp.launch(__file__, tmp_path, world, [",".join(names)], timeout, require_exit_0=False)
 
 
 NAMES = ["discard_window", "discard_window_bf16", "clip"]  # clip last: on a mismatch the ranks stop

@@ -12,7 +12,6 @@ ranks double-counted the items and the replicated pieces entered the norm twice.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _mesh2d_worker as W  # noqa: E402
+import _multiproc as mp  # noqa: E402
 
 WORLD = 4
 
@@ -30,26 +30,7 @@ def runs(tmp_path_factory):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    tmp = tmp_path_factory.mktemp("mesh2d")
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, W.__file__, str(r), str(WORLD), str(tmp / "rdzv"), str(tmp)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=150)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail("distributed workers did not finish in 150 s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    ranks = []
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        path = tmp / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} exited with {p.returncode} and saved nothing:\n{log}"
-        ranks.append(torch.load(path, weights_only=False))
+    ranks = mp.launch(W.__file__, tmp_path_factory.mktemp("mesh2d"), WORLD, timeout=150, require_exit_0=False)
     return {name: [r.get(name, {"error": "not run (an earlier scenario failed)"}) for r in ranks] for name in W.NAMES}
 
 

@@ -8,7 +8,6 @@ so they cannot run each micro-batch's backward through ``GradAccumulator.backwar
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,32 +18,18 @@ from fusedaccum.parallel.pipeline import compact_partials
 from fusedaccum import reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _multiproc as mp  # noqa: E402
 import _pipeline_worker as W  # noqa: E402
 
 TOL = 1e-5
 
 
 def launch(tmp_path, world, timeout=90):
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pipeline_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(tmp_path / "rdzv"), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"pipeline workers did not finish in {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     results = []
-    for r in range(world):
-        path = tmp_path / f"rank{r}.pt"
-        assert path.exists(), f"rank {r} wrote nothing:\n" + "\n".join(logs)
-        res = torch.load(path, weights_only=False)
+    for r, rec in enumerate(mp.launch(script, tmp_path, world, timeout=timeout, label="pipeline workers",
+                                      require_exit_0=False)):
+        res = rec.get("train", {"error": "not run"})
         assert "error" not in res, f"rank {r}:\n{res.get('error')}"
         results.append(res)
     return results

@@ -8,17 +8,15 @@ estimate is the process-group engine's on the same data. Each launch runs this f
 script on every rank (FileStore rendezvous, 20 s collective timeout).
 """
 
-import datetime
 import math
-import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _multiproc as mp
 
 WINDOWS = 4
 ROWS = 4
@@ -86,23 +84,7 @@ SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if na
 
 
 def worker(rank, world, rdzv, out_dir, names):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](rank, world)
-            except Exception:  # recorded for the test; the ranks may now disagree: stop
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    mp.run_worker(rank, world, rdzv, out_dir, names, lambda name: SCENARIOS[name](rank, world), 20)
 
 
 @pytest.fixture(scope="module")
@@ -111,23 +93,8 @@ def runs(tmp_path_factory):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    tmp = tmp_path_factory.mktemp("signals_ddp")
     names = list(SCENARIOS)
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), "2", str(tmp / "rdzv"), str(tmp), ",".join(names)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=90)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        pytest.fail("distributed workers did not finish in 90 s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log}"
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = mp.launch(__file__, tmp_path_factory.mktemp("signals_ddp"), 2, [",".join(names)], timeout=90)
     return {name: [rec.get(name, {"error": "not run (an earlier scenario failed)"}) for rec in ranks]
             for name in names}
 

@@ -16,14 +16,14 @@ against plain DDP's own large-batch run.
 
 import datetime
 import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _multiproc as mp
 
 IN, HID, OUT = 5, 7, 3
 K = 3
@@ -358,44 +358,15 @@ def scenario_plain_ddp(rank):
 
 
 def worker(rank, world, rdzv, out_dir, names):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = globals()["scenario_" + name](rank)
-            except Exception:
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    mp.run_worker(rank, world, rdzv, out_dir, names, lambda name: globals()["scenario_" + name](rank), 30)
 
 
 def test_unused_across_ranks_group_and_ddp(tmp_path):
     # The workers import the fusedaccum next to this file, whatever the environment installed.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = dict(PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     names = "group,ddp,plain_ddp"
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(tmp_path / "rdzv"), str(tmp_path),
-                               names], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
-    try:
-        logs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r}:\n{log}"
-    recs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    recs = mp.launch(__file__, tmp_path, WORLD, [names], timeout=120, env=env)
     ref_model, ref_opt = reference(USE, range(WORLD), len(USE))
     ref_params = dict(ref_model.named_parameters())
     ref_state = {n: ref_opt.state[p] for n, p in ref_model.named_parameters() if ref_opt.state.get(p)}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _multiproc as mp  # noqa: E402
 import test_distributed as td  # noqa: E402  (its worker-launch machinery)
 
 K = td.K  # 3
@@ -274,27 +275,15 @@ def test_ddp_sync_mismatch_fails_loudly_and_does_not_hang(tmp_path):
     an unreduced short window) cannot be detected by the accumulator before DDP's collective;
     it must at least not finish as if nothing happened, nor hang: gloo aborts a rank (measured:
     "collective mismatch", exit -6), or the 30 s collective timeout raises on both."""
-    import subprocess
-
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    env = dict(__import__("os").environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), "2", str(tmp_path / "rdzv"), str(tmp_path),
-                               "mix_ddp_sync_mismatch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in range(2)]
-    try:
-        logs = [p.communicate(timeout=100)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    codes, logs = mp.run_procs(__file__, tmp_path, 2, ["mix_ddp_sync_mismatch"], timeout=100)
     recorded = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) if (tmp_path / f"rank{r}.pt").exists()
                 else {} for r in range(2)]
-    finished = [p.returncode == 0 and "error" not in rec.get("mix_ddp_sync_mismatch", {"error": ""})
-                for p, rec in zip(procs, recorded)]
+    finished = [code == 0 and "error" not in rec.get("mix_ddp_sync_mismatch", {"error": ""})
+                for code, rec in zip(codes, recorded)]
     assert not all(finished), logs
 
 
