@@ -19,7 +19,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from _multiproc import run_worker

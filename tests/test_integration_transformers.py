@@ -19,7 +19,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _transformers_common as c  # noqa: E402  (imports transformers past the repo's kernels/ folder)
 
-from fusedaccum.integrations.transformers import FusedAccumTrainer  # noqa: E402
 
 K = 3
 DATA = c.token_data(16)  # 8 batches of 2: windows of 3, 3 and a short 2
