@@ -1,7 +1,6 @@
 """``GradAccumulator.state_dict`` / ``load_state_dict``: the partial window and the scaler."""
 
 import dataclasses
-import math
 import numbers
 import warnings
 
@@ -39,8 +38,6 @@ def save_state(acc) -> dict:
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "signals": {"sums": sums, "noise": acc._signals.state_dict()},
         "used_params": acc._usage.state_dict() if win.micro > 0 else None,  # which got a gradient so far
-        # The scale the window's sums carry: a scaler shared with another accumulator may have moved since.
-        "window_scale": float(acc._win_scale) if win.micro > 0 and acc._win_scale is not None else None,
         "steps_changes": [dataclasses.asdict(c) for c in acc.accumulation_steps_changes],
     }
 
@@ -81,6 +78,7 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
                                                "buckets")}
     window["unsynced"] = state_dict.get("unsynced", False)  # version < 3: not recorded
     window["sums"] = None if signals is None else signals["sums"]
+    window["window_scale"] = state_dict.get("window_scale")  # version < 3: not recorded
     Window.check_state(window, k, [b.numel for b in acc.buckets], check_host_items)
     if signals is not None and tracker is not None and signals["noise"] is not None:
         type(tracker).check_state(signals["noise"])
@@ -97,10 +95,6 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     elif saved_k != k:
         warnings.warn(f"the state dict was saved with accumulation_steps={saved_k}; this GradAccumulator keeps its "
                       f"own accumulation_steps={k} (set acc.accumulation_steps to change it)", UserWarning, stacklevel=3)
-    saved_scale = state_dict.get("window_scale")  # absent before it was saved
-    if saved_scale is not None and (isinstance(saved_scale, bool) or not isinstance(saved_scale, numbers.Real)
-                                    or not 0 < saved_scale < math.inf):
-        raise ValueError(f"window_scale={saved_scale!r} in the state dict; expected a finite number > 0 or None")
     changes = _steps_changes(state_dict.get("steps_changes"))
 
     if acc.scaler is not None:
@@ -116,12 +110,8 @@ def load_state(acc, state_dict: dict, check_host_items) -> None:
     acc._usage.load_state_dict(state_dict.get("used_params") if micro > 0 else None)
     if changes is not None and tracker is not None:
         tracker.changes = changes
-    if micro > 0:
-        acc._win_scale = window_scale(acc.scaler, acc.device)
-        if acc._win_scale is not None and saved_scale is not None:
-            acc._win_scale.fill_(saved_scale)
     acc._k = int(k)
-    acc._win = Window.from_state(window, acc.device)
+    acc._win = Window.from_state(window, acc.device, window_scale(acc.scaler, acc.device))
 
 
 def _steps_changes(saved) -> "list | None":

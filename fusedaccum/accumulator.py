@@ -137,8 +137,6 @@ class GradAccumulator:
     def _reset_window(self) -> None:
         self._win = Window()
         self._processed = None  # (stats, items, signals, owed apply) once step() closed the window, the optimizer not run
-        self._parts = 0  # backwards of the open micro-batch so far (end_micro_batch=False)
-        self._win_scale = None  # the loss scale of the window's micro-batches (scaler.window_scale)
         self._signals.reset()
 
     def window_open(self) -> bool:
@@ -216,7 +214,7 @@ class GradAccumulator:
         self._guard.check_released("acc.accumulate()")
         self._engine = self._engine.adopt(model, self.buckets.params)  # checks; may hand over to a wrapper's
         self._bn.check(model, stacklevel=3)  # the user's with-statement, through contextlib
-        if not self.window_open() and not self._parts:
+        if not self.window_open() and not self._win.parts:
             self.buckets.end_step()  # before the forward: direct buckets' step buffers are freed
         last = self._win.micro + 1 >= self.accumulation_steps
         sync = last and _signals.wrapper_may_sync(self._signals.tracker, self._k, self._engine) if sync is None else sync
@@ -254,17 +252,17 @@ class GradAccumulator:
         host_items, dev_items = _validate.check_items(num_items, win, self.device)
         self._guard.check("acc.backward()")
 
-        first = win.micro == 0 and not self._parts  # the window's first backward
+        first = win.micro == 0 and not win.parts  # the window's first backward
         if first:
             if self._module is not None:
                 self._bn.check(self._module, stacklevel=2)  # the user's backward() call
             self._engine.start_window(self.buckets)
             self.buckets.start_window()
-            self._win_scale = window_scale(self.scaler, self.device)  # kept: a shared scaler may change mid-window
+            win.scale = window_scale(self.scaler, self.device)  # kept: a shared scaler may change mid-window
         # optimizer.zero_grad(set_to_none=True) may have detached the views: re-point them
         # (identity checks only) so autograd accumulates into the buckets.
         self.buckets.attach()
-        scaled = loss if self._win_scale is None else loss * self._win_scale.to(loss.device, non_blocking=True)
+        scaled = loss if win.scale is None else loss * win.scale.to(loss.device, non_blocking=True)
         with self._guard.backward():  # raises if no managed parameter got a gradient: nothing counted yet
             scaled.reshape(()).backward(retain_graph=retain_graph)
         # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
@@ -273,7 +271,6 @@ class GradAccumulator:
         self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._guard.sync()
-        self._parts = 0 if end_micro_batch else self._parts + 1
         win.add_micro_batch(num_items is not None, host_items, dev_items, end_micro_batch)
 
     def _samples_first(self) -> bool:
@@ -309,7 +306,7 @@ class GradAccumulator:
         fused pass, launched asynchronously and waited on. A collective: call it on every rank.
         """
         self._guard.check("acc.step()")
-        _validate.check_no_open_part(self._parts, "step()")
+        _validate.check_no_open_part(self._win.parts, "step()")
         if self._processed is None:
             if self._win.micro == 0:
                 if force:
@@ -364,7 +361,7 @@ class GradAccumulator:
         # optimizer.zero_grad() between the last backward and here would leave the optimizer
         # no gradient to step with: the window's sum is in the buckets, so point at it again.
         self.buckets.attach()
-        scale = self._win_scale
+        scale = win.scale
         stats, owed = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type,
                                           CLIP_EPS, out=self.buckets.step_outputs(),
                                           reduce_partials=self._engine.reduce_partials, apply=False)
@@ -385,7 +382,7 @@ class GradAccumulator:
         continues bit-identically. Reads the scaler's scale on the host (one sync).
         Data parallel: mid-window the sums are this rank's own (not yet all-reduced), so
         every rank saves and loads its own state dict."""
-        _validate.check_no_open_part(self._parts, "state_dict()")
+        _validate.check_no_open_part(self._win.parts, "state_dict()")
         return _checkpoint.save_state(self)
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -217,9 +217,9 @@ def test_each_window_takes_the_scale_of_its_first_micro_batch():
     acc_b.backward(_b_loss(b, 0))
     _a_overflows(acc_a, a, opt_a, shared)
     acc_b.backward(_b_loss(b, 1))
-    assert acc_b._win_scale.item() == 2.0**10  # kept for the whole window
+    assert acc_b._win.scale.item() == 2.0**10  # kept for the whole window
     acc_b.step(opt_b)
     acc_b.backward(_b_loss(b, 2))
-    assert acc_b._win_scale.item() == 2.0**9  # the next window starts at the scaler's scale
+    assert acc_b._win.scale.item() == 2.0**9  # the next window starts at the scaler's scale
     # The scaler's own tensor changes in place: the window's is a copy, not an alias.
-    assert acc_b._win_scale.data_ptr() != shared.scale_tensor().data_ptr()
+    assert acc_b._win.scale.data_ptr() != shared.scale_tensor().data_ptr()

@@ -9,6 +9,7 @@ checkpoint cannot silently drop part of a window.
 """
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class Window:
     # fp64 [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n] of the micro-batches accumulated before the
     # last load_state_dict (their per-micro-batch records are not in the checkpoint).
     carried: "torch.Tensor | None" = None
+    # The loss scale every micro-batch of the window was scaled with (a 0-d fp32 device copy of the
+    # scaler's at the window's first backward; None without a scaler): the step unscales with it, so a
+    # scaler shared with another accumulator may back off mid-window (``scaler.window_scale``).
+    scale: "torch.Tensor | None" = None
+    # Transient: backwards of the open micro-batch so far (``backward(..., end_micro_batch=False)``);
+    # ``step`` and ``state_dict`` refuse while it is not 0.
+    parts: int = 0
     # Transient: whether the micro-batch context now open runs without a gradient sync (None:
     # no accumulate() context is open); set by the engines' micro_batch contexts.
     context_unsynced: "bool | None" = None
@@ -50,6 +58,7 @@ class Window:
         """A micro-batch's backward has run and its gradient is in the buckets (``ends``: the
         micro-batch's last backward; its earlier parts add their items but count no micro-batch)."""
         self.micro += 1 if ends else 0
+        self.parts = 0 if ends else self.parts + 1
         self.items_given = given
         self.items_host += host_items
         if dev_items is not None:
@@ -75,6 +84,8 @@ class Window:
             # Mid-window the fp32 sums are the whole gradient state (landing buffers are zero then).
             "buckets": [b.clone() for b in buckets] if mid else None,
             "sums": self.sums(live_sums()).clone() if mid else None,
+            # The scale the sums carry: a scaler shared with another accumulator may have moved since.
+            "window_scale": float(self.scale) if mid and self.scale is not None else None,
         }
 
     @staticmethod
@@ -99,14 +110,19 @@ class Window:
         check_host_items(state["items_host"])
         if state.get("unsynced", False) not in (True, False):
             raise ValueError(f"unsynced={state['unsynced']!r} in the state dict; expected a bool")
+        scale = state.get("window_scale")  # absent before version 3
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                                  or not 0 < scale < math.inf):
+            raise ValueError(f"window_scale={scale!r} in the state dict; expected a finite number > 0 or None")
         sums = state.get("sums")
         if sums is not None and (not isinstance(sums, torch.Tensor) or sums.numel() != 4):
             raise ValueError("the state dict's signals must be a dict with a 4-element 'sums' tensor (or None) "
                              "and 'noise'")
 
     @classmethod
-    def from_state(cls, state: dict, device) -> "Window":
-        """The window of a state checked by ``check_state``."""
+    def from_state(cls, state: dict, device, scale: "torch.Tensor | None" = None) -> "Window":
+        """The window of a state checked by ``check_state``; ``scale``: a fresh copy of the
+        scaler's scale (``scaler.window_scale``; None without a scaler), set to the saved one."""
         micro = int(state["micro_batches"])
         items_dev = state["items_device"]
         sums = state.get("sums")
@@ -114,11 +130,18 @@ class Window:
                    items_host=state["items_host"],
                    items_dev=None if items_dev is None else items_dev.to(device, torch.float64).reshape(()),
                    unsynced=bool(state.get("unsynced", False)) and micro > 0,
-                   carried=None if sums is None or micro == 0 else sums.to(device, torch.float64).reshape(4).clone())
+                   carried=None if sums is None or micro == 0 else sums.to(device, torch.float64).reshape(4).clone(),
+                   scale=_saved_scale(scale, state.get("window_scale")) if micro > 0 else None)
+
+
+def _saved_scale(scale, saved):
+    if scale is not None and saved is not None:
+        scale.fill_(saved)
+    return scale
 
 
 #: the fields a checkpoint holds (field -> state-dict key) and those the step rebuilds
 SAVED = {"micro": "micro_batches", "items_given": "items_given", "items_host": "items_host",
-         "items_dev": "items_device", "unsynced": "unsynced", "carried": "sums"}
-TRANSIENT = frozenset({"context_unsynced", "signals"})
+         "items_dev": "items_device", "unsynced": "unsynced", "carried": "sums", "scale": "window_scale"}
+TRANSIENT = frozenset({"context_unsynced", "signals", "parts"})
 assert set(SAVED) | TRANSIENT == {f.name for f in dataclasses.fields(Window)}, "classify every Window field"
