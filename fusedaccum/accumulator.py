@@ -217,7 +217,8 @@ class GradAccumulator:
         if not self.window_open() and not self._win.parts:
             self.buckets.end_step()  # before the forward: direct buckets' step buffers are freed
         last = self._win.micro + 1 >= self.accumulation_steps
-        sync = last and _signals.wrapper_may_sync(self._signals.tracker, self._k, self._engine) if sync is None else sync
+        small = self._signals.tracker is not None and self._k == 1  # the statistics need K = 1's unreduced sums
+        sync = last and self._engine.syncs_in_backward(small) if sync is None else sync
         # Whether a wrapper (DDP) reduces in this backward: its buckets are then no small batch.
         self._wrapper_syncs = sync and self._engine.communicates and callable(getattr(model, "no_sync", None))
         try:

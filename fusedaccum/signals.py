@@ -45,18 +45,6 @@ def estimate_noise(small_sq, small_inv, small_n, big_sq, big_size):
     return trace_cov, big_sq - trace_cov / big_size
 
 
-def wrapper_may_sync(tracker, k: int, engine) -> bool:
-    """Whether a window's last micro-batch may run with DDP's all-reduce in its backward. Not at
-    K = 1 with the statistics on: DDP would average the only micro-batch before any norm is
-    read, leaving no small batch (no estimate, stale averages). It then runs under
-    ``no_sync()`` and the step all-reduces the buckets (DDP's partial-window path): the same
-    bytes, not overlapped with the backward, and the process-group engine's estimate. K,
-    the settings and the engine are alike on every rank, so every rank decides alike."""
-    from .parallel.ddp import DDP
-
-    return not (tracker is not None and k == 1 and isinstance(engine, DDP) and engine.communicates)
-
-
 @dataclass(frozen=True)
 class NoiseScaleSettings:
     """``GradAccumulator(..., noise_scale=NoiseScaleSettings(...))``.

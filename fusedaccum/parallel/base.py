@@ -131,6 +131,12 @@ class Engine:
     def discard(self) -> None:
         """``discard_window()``: drop whatever the engine holds of the window besides the buckets."""
 
+    def syncs_in_backward(self, needs_small_batch: bool) -> bool:
+        """Whether a window's last micro-batch may run with a wrapper's reduction in its backward;
+        ``needs_small_batch``: the noise statistics need the unreduced buckets of a K = 1 window.
+        Decided from what every rank shares (K, the settings, the engine)."""
+        return True
+
     def check_saveable(self, window: Window) -> None:
         """``state_dict()`` mid-window: raise if the buckets do not hold the whole window."""
 

@@ -97,6 +97,12 @@ class DDP(Engine):
         self._checked.add(model)
         return self
 
+    def syncs_in_backward(self, needs_small_batch: bool) -> bool:
+        # Not at K = 1 with the statistics on: DDP would average the only micro-batch before any norm is
+        # read, leaving no small batch. It then runs under no_sync() and the step all-reduces the buckets
+        # (the partial-window path below): the same bytes, not overlapped with the backward.
+        return not (needs_small_batch and self.communicates)
+
     def reduce(self, accums, window: Window, force: bool, device):
         if not self.communicates:
             return local_normalizer(window), window.items()

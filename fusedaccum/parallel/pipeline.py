@@ -144,6 +144,9 @@ class Pipeline(Engine):
     def check_saveable(self, window: Window) -> None:
         self.inner.check_saveable(window)
 
+    def syncs_in_backward(self, needs_small_batch: bool) -> bool:
+        return self.inner.syncs_in_backward(needs_small_batch)
+
     def micro_batch(self, model, window: Window, *, sync: bool, lowp: bool):
         return self.inner.micro_batch(model, window, sync=sync, lowp=lowp)
 
