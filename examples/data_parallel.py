@@ -66,4 +66,5 @@ assert losses[-1] < 0.8 * losses[0], "the loss did not go down"
 if rank == 0:
     print(f"{len(losses)} optimizer steps on {world} ranks; window loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"OK data_parallel: {world} ranks ({dist.get_backend()}), weights identical on every rank")
+dist.barrier()                                    # every rank is done with its collectives first
 dist.destroy_process_group()

@@ -63,4 +63,6 @@ if rank == 0:
     print(f"{len(losses)} optimizer steps on {world} ranks; window loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"OK ddp: {world} ranks ({dist.get_backend()}), weights identical on every rank")
 acc.release()
+dist.barrier()                                    # every rank is done with its collectives,
+del ddp_model                                     # and DDP's reducer lets go of the group, before it goes
 dist.destroy_process_group()

@@ -82,4 +82,5 @@ if rank == 0:
     print(f"{len(losses)} optimizer steps on {world} ranks; window loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"OK fsdp2: {world} ranks ({dist.get_backend()}), {full.numel()} parameters sharded")
 acc.release()
+dist.barrier()                                    # every rank is done with its collectives first
 dist.destroy_process_group()
