@@ -70,4 +70,5 @@ if accelerator.is_main_process:
     print(f"{len(losses)} optimizer steps; window loss per item {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"OK accelerate_recipe: {accelerator.num_processes} process(es), {accelerator.distributed_type}")
 fused.release()
+accelerator.wait_for_everyone()   # every process is done with its collectives before the group goes
 accelerator.end_training()

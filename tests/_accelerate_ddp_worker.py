@@ -77,6 +77,7 @@ def main(out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     torch.save(runs, os.path.join(out, f"rank{accelerator.process_index}.pt"))
+    accelerator.wait_for_everyone()  # every rank is done with its collectives before the group goes
     accelerator.end_training()
 
 

@@ -78,6 +78,16 @@ def main(out: str, mode: str) -> None:
     torch.save({"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "logged_losses": steps.losses},
                os.path.join(out, f"{mode}_rank{trainer.global_rank}.pt"))
+    _close_group()
+
+
+def _close_group():
+    # Lightning leaves the group open; torch's gloo then tears it down during interpreter exit,
+    # where a worker thread that still drops a tensor aborts the process (pytorch#190489).
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def main(out: str) -> None:
                        "max_steps": tr.state.max_steps,
                        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     torch.save(saved, os.path.join(out, f"rank{int(os.environ['RANK'])}.pt"))
+    # Trainer leaves the group open; torch's gloo then tears it down during interpreter exit,
+    # where a worker thread that still drops a tensor aborts the process (pytorch#190489).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,14 @@ def test_every_document_with_a_loop_links_its_example():
         assert f"(../examples/{name})" in (ROOT / doc).read_text(), f"{doc} does not link examples/{name}"
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
-def test_example_runs_and_says_ok(script):
+# torch's gloo can abort a process during interpreter exit, after the script has finished and
+# printed OK, when a worker thread drops a tensor then (pytorch#190489; "terminate called without
+# an active exception"). The examples close their groups to avoid it (barrier, then
+# destroy_process_group); should it still happen, the run is repeated once and must then pass.
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def run_example(script):
     # The user's environment, not the test suite's: no forced backend.
     env = {k: v for k, v in os.environ.items() if k not in ("FUSEDACCUM_BACKEND", "TRITON_INTERPRET")}
     env["OMP_NUM_THREADS"] = "1"
@@ -55,6 +62,20 @@ def test_example_runs_and_says_ok(script):
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{script.name} did not finish in 180 s\n{out}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"{script.name} exited {proc.returncode}\n{out}\n{err[-3000:]}"
+    return proc.returncode, out, err
+
+
+def said_ok(script, out: str) -> bool:
     lines = [line for line in out.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith(f"OK {script.stem}"), f"{script.name}: no final OK line\n{out}"
+    return bool(lines) and lines[-1].startswith(f"OK {script.stem}")
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs_and_says_ok(script):
+    code, out, err = run_example(script)
+    if code != 0 and said_ok(script, out) and EXIT_ABORT in err:
+        warnings.warn(f"{script.name} finished and said OK, then a process aborted at exit in gloo's "
+                      f"teardown: run again", RuntimeWarning)
+        code, out, err = run_example(script)
+    assert code == 0, f"{script.name} exited {code}\n{out}\n{err[-3000:]}"
+    assert said_ok(script, out), f"{script.name}: no final OK line\n{out}"
