@@ -18,6 +18,23 @@ from .workloads import MAX_NORM, _randn
 # SGD with momentum reads p, g, m and writes p, m (5). fp32: 28 and 20; bf16: 14 and 10.
 OPTIMIZER_TENSORS = {"AdamW": 7, "SGD": 5}
 OPTIMIZER_BYTES = {name: 4 * t for name, t in OPTIMIZER_TENSORS.items()}  # fp32
+
+
+def step_prep_bytes(param_dtype, *, fold: bool = False, norm_in_last_pass: bool = False) -> "tuple[int, str]":
+    """B/el the step adds to the optimizer's own bytes (docs/kernels.md), and how: the norm read
+    pass 4, then either the apply pass (read 4 + write the parameter dtype's e, into the
+    gradient the optimizer reads) or, with the fold, the optimizer's write-back of the divided
+    gradient 4. ``norm_in_last_pass``: bf16/fp16 on the landing path in one process, where the
+    window's last ``accumulate_`` produces the norm's partials (issue 18, item 3) and the step
+    has no read pass of its own: 10 -> 6 B/el. No row measures that path yet; the rows here run
+    the direct bucket, which has no accumulate pass to carry the norm."""
+    e = param_dtype.itemsize
+    norm, norm_note = (0, "norm from the last accumulate pass 0") if norm_in_last_pass else (4, "norm 4")
+    if fold:
+        return norm + 4, f"{norm_note} + the optimizer's write-back of the divided grad 4"
+    return norm + 4 + e, f"{norm_note} + apply (read 4 + write {e})"
+
+
 _MAKE = {
     "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-6, fused=True),
     "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-6, momentum=0.9, fused=True),
@@ -77,11 +94,13 @@ def fold_group(n, device, opt_name: str, param_dtype=torch.float32):
     e = param_dtype.itemsize
     b = OPTIMIZER_TENSORS[opt_name] * e
     if fp32:
-        g.specs.append(Spec(op, FUSED + " (fold)", "gpt2-148", len(sizes), n, pd, 4 + b + 4,
-                            f"norm 4 + optimizer {b} + its write-back of the divided grad 4", step(True), True))
+        prep, how = step_prep_bytes(param_dtype, fold=True)
+        g.specs.append(Spec(op, FUSED + " (fold)", "gpt2-148", len(sizes), n, pd, prep + b,
+                            f"{how} + optimizer {b}", step(True), True))
+    prep, how = step_prep_bytes(param_dtype)
     g.specs += [
-        Spec(op, FUSED + " (apply pass)", "gpt2-148", len(sizes), n, pd, 4 + 4 + e + b,
-             f"norm 4 + apply (read 4 + write {e}) + optimizer {b}", step(False), not fp32),
+        Spec(op, FUSED + " (apply pass)", "gpt2-148", len(sizes), n, pd, prep + b, f"{how} + optimizer {b}",
+             step(False), not fp32),
         Spec(op, f"torch {opt_name}(fused=True).step() alone", "gpt2-148", len(sizes), n, pd, b,
              f"optimizer {b} (read p, g, {'m, v' if opt_name == 'AdamW' else 'm'}; write p, "
              f"{'m, v' if opt_name == 'AdamW' else 'm'}; {e} B each)", alone),
