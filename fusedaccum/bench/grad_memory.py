@@ -116,17 +116,19 @@ def table() -> list:
     rows = []
     distributed = dist.is_available() and dist.is_gloo_available() and not dist.is_initialized()
     for engine in ENGINES:
-        for name, dtype, path in PATHS:
-            row = {"engine": engine, "param_dtype": name}
-            if path == "landing" and not fusedaccum.buckets.grad_dtype_supported():
-                continue  # the "bf16" row is the landing path already
-            try:
-                if engine != "one process" and not distributed:
-                    raise RuntimeError("needs torch.distributed with gloo and no process group yet")
-                with (_world_of_one() if engine != "one process" else contextlib.nullcontext(None)) as group, \
-                        _landing_only(path == "landing"):
-                    row.update(_measure(engine, dtype, group))
-            except Exception as exc:  # noqa: BLE001 - an engine refusing a dtype is a result
-                row.update(bytes_per_param=None, error=f"{type(exc).__name__}: {exc}"[:200])
-            rows.append(row)
+        # One world for every path of an engine: a gloo group takes a while to set up.
+        world = _world_of_one() if engine != "one process" and distributed else contextlib.nullcontext(None)
+        with world as group:
+            for name, dtype, path in PATHS:
+                row = {"engine": engine, "param_dtype": name}
+                if path == "landing" and not fusedaccum.buckets.grad_dtype_supported():
+                    continue  # the "bf16" row is the landing path already
+                try:
+                    if engine != "one process" and group is None:
+                        raise RuntimeError("needs torch.distributed with gloo and no process group yet")
+                    with _landing_only(path == "landing"):
+                        row.update(_measure(engine, dtype, group))
+                except Exception as exc:  # noqa: BLE001 - an engine refusing a dtype is a result
+                    row.update(bytes_per_param=None, error=f"{type(exc).__name__}: {exc}"[:200])
+                rows.append(row)
     return rows
