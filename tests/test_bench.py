@@ -79,6 +79,11 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
     micro = {r["impl"]: r for r in rows if r["op"] == "micro-batch accumulation bf16 (K=4)" and r["size"] == 10**4}
     assert micro["fusedaccum direct (grad_dtype)"]["bytes_per_elem"] == 40
     assert micro["fusedaccum landing bucket"]["bytes_per_elem"] == 72
+    # The bf16 signals rows are charged the path each runs: noise_scale keeps the landing bucket.
+    sig = {r["impl"]: r["bytes_per_elem"] for r in rows
+           if r["op"] == "window step bf16 params (K=4), noise scale" and r["size"] == 10**4}
+    assert sig["GradAccumulator(noise_scale=True)"] == 80
+    assert sig["GradAccumulator (no statistics)"] == (54 if cases.fusedaccum.buckets.grad_dtype_supported() else 80)
     mem = {(m["engine"], m["param_dtype"]): m for m in data["grad_memory"]["rows"]}
     assert {e for e, _ in mem} == {"one process", "process group", "DDP", "FSDP2"}
     assert mem[("one process", "fp32")]["bytes_per_param"] == 4.0
@@ -243,6 +248,23 @@ def test_benchmarks_doc_shows_the_tables_of_the_results_it_names():
         for table in docs_table.sections(json.loads((ROOT / path).read_text())):
             assert table in doc, (f"docs/benchmarks.md: a table of {path} is not what python bench/docs_table.py "
                                   f"{path} prints:\n{table}")
+
+
+def test_step_byte_accounting_matches_docs_kernels():
+    """The step rows' bytes are docs/kernels.md's table: the fold, the apply pass, bf16, and the
+    place kept for the norm in the last accumulate pass (bf16 landing, one process)."""
+    from fusedaccum.bench import fold_cases
+
+    f32, b16 = torch.float32, torch.bfloat16
+    assert fold_cases.step_prep_bytes(f32, fold=True)[0] + fold_cases.OPTIMIZER_BYTES["AdamW"] == 36
+    assert fold_cases.step_prep_bytes(f32)[0] + fold_cases.OPTIMIZER_BYTES["AdamW"] == 40
+    assert fold_cases.step_prep_bytes(f32, fold=True)[0] + fold_cases.OPTIMIZER_BYTES["SGD"] == 28
+    assert fold_cases.step_prep_bytes(b16)[0] == 10
+    assert fold_cases.step_prep_bytes(b16, norm_in_last_pass=True)[0] == 6
+    kernels_md = (ROOT / "docs" / "kernels.md").read_text()
+    assert "| 36 |" in kernels_md and "| 28 / 32 |" in kernels_md
+    rows = {s.impl: s.bytes_per_elem for s in fold_cases.fold_group(10**4, torch.device("cpu"), "AdamW", b16).specs}
+    assert rows == {"fusedaccum (apply pass)": 24, "torch AdamW(fused=True).step() alone": 14}
 
 
 def test_issue18_targets_from_a_hand_made_cpu_result():

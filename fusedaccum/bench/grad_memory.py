@@ -25,7 +25,7 @@ PATHS = (("fp32", torch.float32, None), ("bf16", torch.bfloat16, "auto"),
          ("bf16 landing", torch.bfloat16, "landing"))
 HOW = ("bytes of every buffer the accumulator's GradBuckets allocated (fp32 accum + landing bucket "
        "+ a live direct step buffer) / parameter elements held by this rank, after one micro-batch "
-       "of a 3-layer MLP (world size 1)")
+       "of a 3-layer MLP (world size 1), on the CPU whatever the run's device (the layout is the same on every device)")
 
 
 def _model(dtype):
