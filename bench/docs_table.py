@@ -1,5 +1,6 @@
-"""Print the table docs/benchmarks.md shows for a stored bench result (the fusedaccum rows,
-speed-ups by baseline).
+"""Print the tables docs/benchmarks.md shows for a stored bench result: the fusedaccum rows
+(speed-ups by baseline), then, where the result has them, the targets with their measured
+values and the gradient memory per parameter per engine.
 
     python bench/docs_table.py bench/results/<device>.json
 
@@ -10,15 +11,18 @@ import json
 import sys
 from pathlib import Path
 
-from fusedaccum.bench.report import _fmt_n, _fmt_t
+from fusedaccum.bench.report import _fmt_n, _fmt_t, memory_lines
 
 # Column -> the baseline (speed-up key) it shows, first match wins.
 COLUMNS = [
     ("vs torch, flat", ("[flat]",), ("compile",)),
-    ("vs torch, 148 tensors", ("[gpt2-148]",), ("no statistics",)),
+    ("vs torch, 148 tensors", ("[gpt2-148]",), ("no statistics", "alone", "apply pass", "landing")),
     ("vs torch, 496 tensors", ("[list-496]",), ()),
     ("vs torch.compile", ("compile",), ()),
     ("vs no statistics", ("no statistics",), ()),  # the cost of noise_scale=True (below 1x: slower)
+    ("vs optimizer alone", ("alone",), ()),  # the optimizer step / the window step with it (below 1x)
+    ("vs apply pass", ("apply pass",), ()),  # the fold against the apply pass, same optimizer
+    ("vs landing bucket", ("landing",), ()),  # bf16 micro-batches: direct (grad_dtype) against landing
 ]
 
 
@@ -48,11 +52,30 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def targets_table(results: dict) -> str:
+    """The targets the run checked (``fusedaccum/bench/targets.py``), met or not; "" if none."""
+    if not results.get("targets"):
+        return ""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in results["targets"]]
+    return "\n".join(lines)
+
+
+def memory_table(results: dict) -> str:
+    """Gradient bytes per parameter per engine and dtype (``fusedaccum/bench/grad_memory.py``); "" if none."""
+    return "\n".join(memory_lines(results)).rstrip()
+
+
+def sections(results: dict) -> list:
+    """Every table this result has, in the order docs/benchmarks.md shows them."""
+    return [t for t in (table(results), targets_table(results), memory_table(results)) if t]
+
+
 def main(argv) -> int:
     if len(argv) != 1:
         print(__doc__)
         return 2
-    print(table(json.loads(Path(argv[0]).read_text())))
+    print("\n\n".join(sections(json.loads(Path(argv[0]).read_text()))))
     return 0
 
 

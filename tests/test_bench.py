@@ -70,7 +70,27 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
             assert len(r["speedups"]) == len(baselines) >= 1
     chains = {r["layout"] for r in rows if r["impl"] == "torch unscale+clip chain"}
     assert {"flat", "gpt2-148", "list-496", "gpt2-tiny list"} <= chains
-    assert data["targets"] == []  # the CPU target is on GPT-2 small, not --quick's gpt2-tiny
+    # The timed CPU targets are on GPT-2 small and N >= 1e6, not --quick's sizes; the memory one is not timed.
+    assert [t["target"].split(" <= ")[0] for t in data["targets"]] == [
+        "bf16 parameters hold"] * bool(data.get("grad_memory"))
+    # The issue-18 groups run at tiny sizes too: bf16 fold rows, the micro-batch group.
+    assert {"window step + AdamW(fused) bf16", "window step + SGD(fused) bf16", "window step + AdamW(fused) fp32",
+            "micro-batch accumulation bf16 (K=4)"} <= ops
+    micro = {r["impl"]: r for r in rows if r["op"] == "micro-batch accumulation bf16 (K=4)" and r["size"] == 10**4}
+    assert micro["fusedaccum direct (grad_dtype)"]["bytes_per_elem"] == 40
+    assert micro["fusedaccum landing bucket"]["bytes_per_elem"] == 72
+    # The bf16 signals rows are charged the path each runs: noise_scale keeps the landing bucket.
+    sig = {r["impl"]: r["bytes_per_elem"] for r in rows
+           if r["op"] == "window step bf16 params (K=4), noise scale" and r["size"] == 10**4}
+    assert sig["GradAccumulator(noise_scale=True)"] == 80
+    assert sig["GradAccumulator (no statistics)"] == (54 if cases.fusedaccum.buckets.grad_dtype_supported() else 80)
+    mem = {(m["engine"], m["param_dtype"]): m for m in data["grad_memory"]["rows"]}
+    assert {e for e, _ in mem} == {"one process", "process group", "DDP", "FSDP2"}
+    assert mem[("one process", "fp32")]["bytes_per_param"] == 4.0
+    if cases.fusedaccum.buckets.grad_dtype_supported():
+        assert mem[("one process", "bf16")]["bytes_per_param"] == 4.0  # direct: the fp32 bucket only
+        assert mem[("one process", "bf16 landing")]["bytes_per_param"] == 6.0  # + the bf16 landing bucket
+        assert mem[("FSDP2", "bf16")]["path"] == "landing"
 
 
 def test_gpt2_small_layout():
@@ -225,8 +245,55 @@ def test_benchmarks_doc_shows_the_tables_of_the_results_it_names():
     assert named, "docs/benchmarks.md names the JSON each CPU table comes from"
     docs_table = _bench_script("docs_table")
     for path in named:
-        table = docs_table.table(json.loads((ROOT / path).read_text()))
-        assert table in doc, f"docs/benchmarks.md: the table of {path} is not what python bench/docs_table.py {path} prints"
+        for table in docs_table.sections(json.loads((ROOT / path).read_text())):
+            assert table in doc, (f"docs/benchmarks.md: a table of {path} is not what python bench/docs_table.py "
+                                  f"{path} prints:\n{table}")
+
+
+def test_step_byte_accounting_matches_docs_kernels():
+    """The step rows' bytes are docs/kernels.md's table: the fold, the apply pass, bf16, and the
+    place kept for the norm in the last accumulate pass (bf16 landing, one process)."""
+    from fusedaccum.bench import fold_cases
+
+    f32, b16 = torch.float32, torch.bfloat16
+    assert fold_cases.step_prep_bytes(f32, fold=True)[0] + fold_cases.OPTIMIZER_BYTES["AdamW"] == 36
+    assert fold_cases.step_prep_bytes(f32)[0] + fold_cases.OPTIMIZER_BYTES["AdamW"] == 40
+    assert fold_cases.step_prep_bytes(f32, fold=True)[0] + fold_cases.OPTIMIZER_BYTES["SGD"] == 28
+    assert fold_cases.step_prep_bytes(b16)[0] == 10
+    assert fold_cases.step_prep_bytes(b16, norm_in_last_pass=True)[0] == 6
+    kernels_md = (ROOT / "docs" / "kernels.md").read_text()
+    assert "| 36 |" in kernels_md and "| 28 / 32 |" in kernels_md
+    rows = {s.impl: s.bytes_per_elem for s in fold_cases.fold_group(10**4, torch.device("cpu"), "AdamW", b16).specs}
+    assert rows == {"fusedaccum (apply pass)": 24, "torch AdamW(fused=True).step() alone": 14}
+
+
+def test_issue18_targets_from_a_hand_made_cpu_result():
+    """Each issue-18 target comes out with its measured value, met or not, from the rows it names."""
+    big, small = 10**8, 10**6
+    fold, mb, win = "window step + AdamW(fused) fp32", "micro-batch accumulation bf16 (K=4)", \
+        "window step fp32 params (K=4)"
+    rows = [
+        _row(fold, "fusedaccum (fold)", "gpt2-148", big, 1.5, 36, ours=True),
+        _row(fold, "torch AdamW(fused=True).step() alone", "gpt2-148", big, 1.0, 28),
+        _row(mb, "fusedaccum direct (grad_dtype)", "gpt2-148", big, 0.7, 40, ours=True),
+        _row(mb, "fusedaccum landing bucket", "gpt2-148", big, 1.0, 72),
+        _row(win, "fusedaccum.GradAccumulator", "gpt2-148", small, 1.0, 64, ours=True),
+        _row(win, "torch backward loop + clip_grad_norm_(foreach)", "gpt2-148", small, 0.9, 56),
+    ]
+    for r in rows:
+        r["frac_copy"] = 0.5
+    memory = {"how": "x", "rows": [{"engine": "one process", "param_dtype": "bf16", "path": "landing",
+                                    "bytes_per_param": 6.0}]}
+    results = {"meta": {"device": {"type": "cpu"}}, "rows": rows, "grad_memory": memory}
+    got = {t["target"].split(" <= ")[0].split(" >= ")[0].split(" at ")[0]: (t["met"], t["value"].split()[0])
+           for t in targets.targets(results)}
+    assert got == {"CPU: fp32 AdamW(fused=True) window step": (False, "1.50x"),
+                   "bf16 parameters hold": (False, "6"),
+                   "CPU: bf16 micro-batch accumulation": (True, "0.70x"),
+                   "CPU: window step": (False, "0.90x")}
+    results["targets"] = targets.targets(results)
+    tables = _bench_script("docs_table").sections(results)
+    assert len(tables) == 3 and "| 6 |" in tables[2] and tables[1].count("**no**") == 3
 
 
 def test_norm_accuracy_script(capsys):

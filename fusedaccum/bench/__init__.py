@@ -15,7 +15,13 @@ the copy bandwidth, speed-up, host syncs per step):
 - the exact GPT-2-small parameter list (124,439,808 elements, 148 tensors): ``unscale_clip_``
   on its ``GradBuckets`` bucket and ``fusedaccum.clip_grad_norm_`` against PyTorch's;
 - one whole window of ``GradAccumulator`` (K micro-batch backwards + step) against the loop a
-  PyTorch user writes.
+  PyTorch user writes;
+- the step with a fused optimizer (``AdamW``/``SGD``, ``fused=True``; fp32 with the multiplier
+  folded into the optimizer and with the apply pass, bf16 with the apply pass) against the
+  optimizer step alone, and bf16 micro-batches accumulated through ``Tensor.grad_dtype``
+  against the landing bucket (``fold_cases``);
+- not timed: the gradient bytes per parameter per data-parallel engine and dtype, read from
+  the buffers a ``GradAccumulator`` allocates (``grad_memory``).
 
 Bytes per element (B/el) are counted as the minimal DRAM traffic of the implementation's
 passes: every tensor read once per pass, written once per pass, in its dtype. The copy
@@ -27,7 +33,7 @@ quantiles); elsewhere wall clock (``time.perf_counter``) around each call after 
 median of the repeats. On a CPU the fused ops run the pure-PyTorch reference path.
 
 Modules: ``cases`` (the groups of rows), ``workloads`` (what the baseline rows call),
-``layouts`` (GPT-2 shapes), ``timing`` (the timer, the sync count), ``machine`` (device,
+``fold_cases`` (the optimizer-step and micro-batch groups), ``grad_memory``, ``layouts`` (GPT-2 shapes), ``timing`` (the timer, the sync count), ``machine`` (device,
 versions, other processes' load), ``runner`` (a run), ``targets``, ``report`` (JSON and
 markdown), ``plot``, ``profiling`` (``--profile``), ``cli``.
 """

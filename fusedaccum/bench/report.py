@@ -108,8 +108,27 @@ def _op_table(results: dict, op: str) -> list:
     return lines + [""] + [f"- {impl}: {note}" for impl, note in notes.items()] + [""]
 
 
+def memory_lines(results: dict) -> list:
+    """The gradient memory table (``grad_memory.py``), engines as rows."""
+    mem = results.get("grad_memory")
+    if not mem:
+        return []
+    lines = ["| engine | parameters | path | gradient B/param between micro-batches | note |", "|---|---|---|---|---|"]
+    for r in mem["rows"]:
+        if r.get("bytes_per_param") is None:
+            lines.append(f"| {r['engine']} | {r['param_dtype']} | refused | - | {r.get('error', '')[:90]} |")
+            continue
+        note = (f"DDP's reducer holds {r['ddp_reducer_bytes_per_param']:g} B/param more of its own"
+                if r.get("ddp_reducer_bytes_per_param") else "")
+        lines.append(f"| {r['engine']} | {r['param_dtype']} | {r['path']} | {r['bytes_per_param']:g} | {note} |")
+    return lines + ["", f"Measured: {mem['how']}.", ""]
+
+
 def markdown(results: dict) -> str:
     lines = _header(results) + _summary(results["rows"])
+    mem = memory_lines(results)
+    if mem:
+        lines += ["## Gradient memory per parameter", ""] + mem
     ops = [op for op in dict.fromkeys(r["op"] for r in results["rows"]) if op != "copy"]
     for op in ops:
         lines += _op_table(results, op)

@@ -12,6 +12,7 @@ import torch
 import fusedaccum
 from fusedaccum import _backend
 
+from . import grad_memory
 from .cases import WINDOW_K, build_plan
 from .machine import (DISTURBED_PCT, OtherLoad, _free_memory, _loadavg, _versions, device_name, slugify,
                       wait_quiet)
@@ -213,10 +214,14 @@ def run(args) -> dict:
             rows.append(r)
             print(f"[{len(rows):>3}/{total} {time.perf_counter() - t_start:6.0f}s] {_line(r)}", flush=True)
         del entries
+        for close in group.cache.pop("close", []):
+            close()
         group.cache.clear()
         group.specs.clear()
         _free_memory(device)
     results = {"meta": meta, "rows": rows}
+    if meta["grad_accumulator"]:
+        results["grad_memory"] = {"how": grad_memory.HOW, "rows": grad_memory.table()}
     results["targets"] = targets(results)
     results["meta"]["wall_s"] = round(time.perf_counter() - t_start, 1)
     results["meta"]["loadavg_end"] = _loadavg()

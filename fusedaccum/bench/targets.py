@@ -30,7 +30,7 @@ def targets(results: dict) -> list:
                                           f"on the {name} parameter list ({r['size']:,} elements)",
                                 "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
                                 "met": x >= 1.8})
-        out += _fold_targets(rows)
+        out += _fold_targets(rows) + _issue18_targets(results)
         return out
     big = [r for r in rows if r["size"] >= 10**8 and r.get("median_s") and r.get("ours")]
     for r in big:
@@ -69,4 +69,37 @@ def _fold_targets(rows) -> list:
                                       f"at N={_fmt_n(r['size'])}",
                             "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
                             "met": x <= 1.45})
+    return out
+
+
+def _issue18_targets(results: dict) -> list:
+    """CPU, same run (issue 18): bf16 gradient memory between micro-batches, bf16 micro-batch
+    accumulation direct against the landing path at N >= 1e8, and the window step at 1e6
+    against the plain PyTorch loop."""
+    rows, out = results["rows"], []
+    mem = [r for r in (results.get("grad_memory") or {}).get("rows", [])
+           if r["engine"] == "one process" and r["param_dtype"] == "bf16" and r.get("bytes_per_param")]
+    for r in mem:
+        out.append({"target": "bf16 parameters hold <= 4.05 B of gradient per parameter between micro-batches "
+                              "(one process)",
+                    "value": f"{r['bytes_per_param']:g} B ({r['path']})", "met": r["bytes_per_param"] <= 4.05})
+    op = "micro-batch accumulation bf16 (K=4)"
+    for r in rows:
+        if r["op"] == op and r.get("ours") and r["size"] >= 10**8 and r.get("median_s"):
+            base = _find(rows, op, "fusedaccum landing bucket", r["layout"], r["size"])
+            if base:
+                x = r["median_s"] / base["median_s"]
+                out.append({"target": f"CPU: bf16 micro-batch accumulation <= 0.75x today's time (the landing "
+                                      f"path, same run) at N={_fmt_n(r['size'])}",
+                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
+                            "met": x <= 0.75})
+    op = "window step fp32 params (K=4)"
+    for r in rows:
+        if r["op"] == op and r.get("ours") and r["size"] == 10**6 and r.get("median_s"):
+            base = _find(rows, op, "torch backward loop + clip_grad_norm_(foreach)", r["layout"], r["size"])
+            if base:
+                x = base["median_s"] / r["median_s"]
+                out.append({"target": "CPU: window step at N=1e6 >= 1.0x plain PyTorch (speed-up over the loop)",
+                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
+                            "met": x >= 1.0})
     return out
