@@ -21,6 +21,7 @@ from ._ref_norm import (NORM_ROW, SAFE_SUM, _codes, _fast_sum_of_squares, _max_a
 # column per slot. Every row folds across slots, so the partials of several ranks concatenated
 # along the slots finalize to the global result.
 ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = range(5)
+NUM_ROWS = 5
 MAX_SLOTS_PER_BUCKET = 1  # norm_partials gives every bucket one slot
 
 
