@@ -264,7 +264,7 @@ def test_stale_partials_are_not_used(backend, landing, passes, monkeypatch):
     """In-place change of the sums, load_state_dict of another window, discard_window, a
     short window, a micro-batch that raised after its fold: each equals the norm-pass path."""
     make = lambda: make_model(torch.bfloat16)  # noqa: E731
-    cases = [dict(between=_scale_sum), dict(windows=(K, K, 2)), dict(windows=(K, K), forced=(0,))]
+    cases = [dict(windows=(K,), between=_scale_sum), dict(windows=(K, 2)), dict(windows=(K,), forced=(0,))]
     for kw in cases:
         with monkeypatch.context() as m:
             compare(m, make, max_norm=0.5, **kw)
