@@ -44,14 +44,6 @@ def _row_norms(b: torch.Tensor) -> "list[torch.Tensor]":
     return rows
 
 
-def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
-    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
-    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
-    the check reads a CPU tensor, which is no device synchronisation."""
-    total = torch.cat(_row_norms(b)).double().square().sum()
-    return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
-
-
 def _p_sum(t: torch.Tensor, m: torch.Tensor, p: float) -> torch.Tensor:
     """Σ(t/m)^p (fp64) for t = |x| >= 0 with max m: every term <= 1, the largest exactly 1, so
     no p overflows it (p = 150) and no small term underflows where it counts (subnormal x at

@@ -14,8 +14,8 @@ import math
 import torch
 
 from ._finalize_host import finalize_host, host_partials
-from ._ref_norm import (NORM_ROW, SAFE_SUM, _codes, _fast_sum_of_squares, _max_abs, _p_sum,  # noqa: F401
-                        _row_norms, _scale_exponent, store_limit)
+from ._ref_norm import (NORM_ROW, SAFE_SUM, _codes, _max_abs, _p_sum, _row_norms,  # noqa: F401
+                        _scale_exponent, store_limit)
 
 # Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels._norm), one
 # column per slot. Every row folds across slots, so the partials of several ranks concatenated
@@ -152,6 +152,15 @@ class _LastPassNorm:
 def sq_slots(n: int) -> int:
     """How many ``sq_out`` slots ``accumulate_`` fills for a bucket of ``n`` elements."""
     return 1
+
+
+def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
+    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
+    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
+    the check reads a CPU tensor, which is no device synchronisation (here, in reference.py: the tests
+    tell the reference's own reads by the file)."""
+    total = torch.cat(_row_norms(b)).double().square().sum()
+    return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
 
 
 def _inv(inv_scale, device) -> torch.Tensor:
