@@ -74,7 +74,7 @@ def test_reference_over_several_cpu_pieces(monkeypatch, p):
     """Several cache-sized pieces (the 2-norm's fast path taken piece by piece, no norm pass),
     the fast path's range left (tiny sums: the norm pass after the add), fp32 grads too."""
     monkeypatch.setenv(_backend.ENV_VAR, "torch")
-    n = 2 * reference.CPU_PIECE + 3 * reference.NORM_ROW + 17
+    n = 2 * reference.NORM_GROUP + 3 * reference.NORM_ROW + 17  # three groups of pieces, the last partial
     calls = []
     real = reference.norm_partials
     monkeypatch.setattr(reference, "norm_partials", lambda *a, **k: calls.append(1) or real(*a, **k))
