@@ -303,3 +303,19 @@ def test_discard_and_a_raising_last_micro_batch(backend, landing, monkeypatch):
         acc.step(opt, force=True)
     acc.discard_window()
     acc.release()
+
+
+def test_opcheck_accumulate_with_norm_out(backend):
+    """The custom op's schema declares norm_out mutated, and traced calls take the same arguments."""
+    from fusedaccum import _library
+
+    acc, grad = torch.randn(37), torch.randn(37).bfloat16()
+    out = torch.zeros(5, sq_slots(acc) + 1)
+    torch.library.opcheck(_library.accumulate, (acc, grad, None, 0.5, True, False, None, None, 1.0, out, 1,
+                                                torch.tensor(0.25), 0.0, 2.0, torch.bfloat16))
+    traced = _library.Operators(_library._EAGER, _backend.implementation(acc.device))
+    a2, g2, o2 = acc.clone(), grad.clone(), torch.zeros_like(out)
+    traced.accumulate_(a2, g2, 0.5, zero_grad=True, overwrite=False, norm_out=o2, norm_slot=1, inv_scale=0.25,
+                       norm_type=2.0, norm_dtype=torch.bfloat16)
+    want = _backend.implementation(acc.device).norm_partials([a2], 0.25, 2.0, out=[grad])
+    assert same(o2[:, 1:], want) and not o2[:, 0].any()
