@@ -31,7 +31,7 @@ def _accumulate_tile(acc_ptr, grad_ptr, offs, n, scale, OVERWRITE: tl.constexpr,
     if SQ:
         return a, tl.sum(g * g, axis=0)
     else:
-        return a, 0.0
+        return a, tl.full([], 0.0, tl.float32)  # a tensor, as in the other branch
 
 
 @triton.jit
