@@ -40,9 +40,13 @@ def _join(tensor: "Tensor | None", value: float):
 
 # --- the phases, written once against a backend module (the reference or the kernels) ---
 
-def _accumulate(impl, acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight, sq_weight_value):
+def _accumulate(impl, acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight, sq_weight_value,
+                norm_out=None, norm_slot=0, inv_scale=None, inv_scale_value=1.0, norm_type=2.0,
+                norm_dtype=torch.float32):
+    norm = {} if norm_out is None else dict(norm_out=norm_out, norm_slot=norm_slot, norm_type=norm_type,
+                                            inv_scale=_join(inv_scale, inv_scale_value), norm_dtype=norm_dtype)
     impl.accumulate_(acc, grad, _join(scale, scale_value), zero_grad=zero_grad, overwrite=overwrite,
-                     sq_out=sq_out, sq_weight=_join(sq_weight, sq_weight_value))
+                     sq_out=sq_out, sq_weight=_join(sq_weight, sq_weight_value), **norm)
 
 
 def _norm_partials(impl, buckets, inv_scale, inv_scale_value, norm_type, out):
@@ -64,12 +68,15 @@ def _impl(device: torch.device):
     return _backend.implementation(device)
 
 
-@torch.library.custom_op("fusedaccum::accumulate", mutates_args=("acc", "grad", "sq_out"))
+@torch.library.custom_op("fusedaccum::accumulate", mutates_args=("acc", "grad", "sq_out", "norm_out"))
 def accumulate(acc: Tensor, grad: Tensor, scale: Optional[Tensor], scale_value: float, zero_grad: bool,
-               overwrite: bool, sq_out: Optional[Tensor], sq_weight: Optional[Tensor], sq_weight_value: float) -> None:
-    """``acc (+)= grad * scale``; ``grad`` is written only with ``zero_grad``, ``sq_out`` only when given."""
+               overwrite: bool, sq_out: Optional[Tensor], sq_weight: Optional[Tensor], sq_weight_value: float,
+               norm_out: Optional[Tensor] = None, norm_slot: int = 0, inv_scale: Optional[Tensor] = None,
+               inv_scale_value: float = 1.0, norm_type: float = 2.0, norm_dtype: torch.dtype = torch.float32) -> None:
+    """``acc (+)= grad * scale``; ``grad`` is written only with ``zero_grad``, ``sq_out`` and ``norm_out`` only
+    when given."""
     _accumulate(_impl(acc.device), acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight,
-                sq_weight_value)
+                sq_weight_value, norm_out, norm_slot, inv_scale, inv_scale_value, norm_type, norm_dtype)
 
 
 @torch.library.custom_op("fusedaccum::norm_partials", mutates_args=())
@@ -93,7 +100,8 @@ def apply(buckets: list[Tensor], stats: Tensor, out: list[Tensor], skip_if_nonfi
 
 
 @accumulate.register_fake
-def _(acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight, sq_weight_value):
+def _(acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight, sq_weight_value, norm_out=None,
+      norm_slot=0, inv_scale=None, inv_scale_value=1.0, norm_type=2.0, norm_dtype=torch.float32):
     return None
 
 
@@ -133,13 +141,15 @@ def _triton_ops() -> dict:
     # The bodies are traced under fake and functional tensors (triton_op registers them as the
     # fake kernel and decomposes them for inductor): inside traceable_launches() every launch
     # goes through wrap_triton; eagerly triton_op turns wrap_triton off, so the kernels launch directly.
-    @triton_op("fusedaccum::accumulate_triton", mutates_args=("acc", "grad", "sq_out"))
+    @triton_op("fusedaccum::accumulate_triton", mutates_args=("acc", "grad", "sq_out", "norm_out"))
     def accumulate_triton(acc: Tensor, grad: Tensor, scale: Optional[Tensor], scale_value: float, zero_grad: bool,
                           overwrite: bool, sq_out: Optional[Tensor], sq_weight: Optional[Tensor],
-                          sq_weight_value: float) -> None:
+                          sq_weight_value: float, norm_out: Optional[Tensor] = None, norm_slot: int = 0,
+                          inv_scale: Optional[Tensor] = None, inv_scale_value: float = 1.0, norm_type: float = 2.0,
+                          norm_dtype: torch.dtype = torch.float32) -> None:
         with traceable_launches():
             _accumulate(kernels, acc, grad, scale, scale_value, zero_grad, overwrite, sq_out, sq_weight,
-                        sq_weight_value)
+                        sq_weight_value, norm_out, norm_slot, inv_scale, inv_scale_value, norm_type, norm_dtype)
 
     @triton_op("fusedaccum::norm_partials_triton", mutates_args=())
     def norm_partials_triton(buckets: list[Tensor], inv_scale: Optional[Tensor], inv_scale_value: float,
@@ -175,8 +185,10 @@ class Operators:
         self.sq_slots = module.sq_slots
 
     def accumulate_(self, acc, grad, scale: Scalar, *, zero_grad: bool, overwrite: bool, sq_out=None,
-                    sq_weight: Scalar = 1.0) -> Tensor:
-        self._ops["accumulate"](acc, grad, *_split(scale), zero_grad, overwrite, sq_out, *_split(sq_weight))
+                    sq_weight: Scalar = 1.0, norm_out=None, norm_slot: int = 0, inv_scale: Scalar = 1.0,
+                    norm_type: float = 2.0, norm_dtype: torch.dtype = torch.float32) -> Tensor:
+        self._ops["accumulate"](acc, grad, *_split(scale), zero_grad, overwrite, sq_out, *_split(sq_weight),
+                                norm_out, int(norm_slot), *_split(inv_scale), float(norm_type), norm_dtype)
         return acc
 
     def norm_partials(self, buckets, inv_scale: Scalar, norm_type: float, *, out=None) -> Tensor:

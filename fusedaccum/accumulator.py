@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from . import _checkpoint, _optim, _validate
+from . import _checkpoint, _last_pass, _optim, _validate
 from ._usage import ParamUsage
 from . import signals as _signals
 from .buckets import GradBuckets
@@ -268,7 +268,8 @@ class GradAccumulator:
             scaled.reshape(()).backward(retain_graph=retain_graph)
         # Noise scale: whether this micro-batch is a small batch, and its 1/items² weight.
         weight = self._signals.weight(first, self._samples_first, host_items, dev_items, num_items is not None)
-        self.buckets.fold_landing(first, self._signals.sq, weight)  # bf16/fp16: into the fp32 sums
+        last = _last_pass.ask(self, num_items, host_items, dev_items, end_micro_batch)  # the norm too, if last
+        self.buckets.fold_landing(first, self._signals.sq, weight, last)  # bf16/fp16: into the fp32 sums
         self._signals.after_backward(loss, first, weight, _sum_squares)
 
         self._guard.sync()
@@ -364,7 +365,7 @@ class GradAccumulator:
         self.buckets.attach()
         scale = win.scale
         stats, owed = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type,
-                                          CLIP_EPS, out=self.buckets.step_outputs(),
+                                          CLIP_EPS, out=self.buckets.step_outputs(), partials=_last_pass.take(self),
                                           reduce_partials=self._engine.reduce_partials, apply=False)
         # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
         # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)

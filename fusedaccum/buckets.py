@@ -299,14 +299,23 @@ class GradBuckets:
                 b.landing.zero_()  # accum is reset lazily by fold_landing(first=True)
         self.reset_used()
 
-    def fold_landing(self, first: bool, sq_out: list, sq_weight=None) -> None:
+    #: the norm partials the last ``fold_landing`` wrote (``fusedaccum._last_pass.LastPass``), or None
+    last_pass = None
+
+    def fold_landing(self, first: bool, sq_out: list, sq_weight=None, norm=None) -> None:
         """bf16/fp16 buckets, after a backward: ``accum (+)= landing``, ``landing = 0`` for the
         next backward, in one pass per bucket. ``first`` (the window's first backward): accum is
         overwritten, not read, which is the window's reset. With ``sq_weight``, each landing's
-        weighted Σg² goes into ``sq_out[i]`` (the i-th low-precision bucket's slots)."""
+        weighted Σg² goes into ``sq_out[i]`` (the i-th low-precision bucket's slots). ``norm`` (a
+        ``_last_pass.LastPass``): the same pass writes the norm partials of each finished sum."""
+        self.last_pass = norm  # a later fold replaces what an earlier one wrote
         for i, b in enumerate(b for b in self.buckets if b.landing is not None):
             sq = {} if sq_weight is None else dict(sq_out=sq_out[i], sq_weight=sq_weight)
+            if norm is not None:
+                sq.update(norm.args(b))
             accumulate_(b.accum, b.landing, 1.0, zero_grad=True, overwrite=first, **sq)
+            if norm is not None:
+                norm.done(b, sq)
 
     @torch.no_grad()
     def zero_(self) -> None:

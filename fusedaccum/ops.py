@@ -15,7 +15,7 @@ import numpy
 import torch
 
 from . import _backend
-from .reference import ROW_EXP, ROW_LIMIT  # the partials' row layout, shared by both backends
+from ._partials import OwedApply, _pad_slots, check_given, check_norm_out, merged  # noqa: F401 (re-exported)
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
@@ -89,7 +89,9 @@ def _norm_order(norm_type) -> float:
 
 @torch.no_grad()
 def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: bool = False,
-                overwrite: bool = False, sq_out: "torch.Tensor | None" = None, sq_weight=1.0) -> torch.Tensor:
+                overwrite: bool = False, sq_out: "torch.Tensor | None" = None, sq_weight=1.0,
+                norm_out: "torch.Tensor | None" = None, norm_slot: int = 0, inv_scale=1.0, norm_type=2.0,
+                norm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``acc += grad * scale`` in one pass; returns ``acc``.
 
     acc: contiguous fp32 tensor. grad: contiguous fp32/bf16/fp16 tensor with as many
@@ -101,6 +103,11 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     ``sq_weight * Σ grad²`` (of grad as given, before ``zero_grad``) into its slots, or sets
     them to it with ``overwrite``; ``sq_out.sum()`` is the running total. ``sq_weight``: a
     float or a one-element tensor. Used by the gradient noise scale (``fusedaccum.signals``).
+    ``norm_out`` (fp32 ``[5, slots]``): the same pass also writes the norm partials of the
+    finished ``acc`` into its columns ``norm_slot`` to ``norm_slot + sq_slots(acc) - 1``, the
+    same bits as the norm pass of ``unscale_clip_(acc, inv_scale, norm_type=norm_type)`` with
+    the result stored as ``norm_dtype`` (a window's last accumulate pass: the step needs no norm
+    pass over ``acc``; docs/kernels.md).
     """
     _check_flat(acc, "acc", (torch.float32,))
     _check_flat(grad, "grad")
@@ -111,20 +118,26 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale=1.0, *, zero_grad: 
     if _overlap(acc, grad):
         raise ValueError("acc and grad overlap in memory")
     s = _scalar(scale, "scale", acc.device)
-    if sq_out is None:
-        _backend.operators(acc.device).accumulate_(
-            acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite))
-        return acc
-    _check_flat(sq_out, "sq_out", (torch.float32,))
-    if sq_out.device != acc.device or sq_out.numel() == 0:
-        raise ValueError(f"sq_out must hold at least one element on {acc.device}, got {sq_out.numel()} on "
-                         f"{sq_out.device}")
-    if _overlap(sq_out, acc) or _overlap(sq_out, grad):
-        raise ValueError("sq_out overlaps acc or grad in memory")
-    w = _scalar(sq_weight, "sq_weight", acc.device)
+    extra = {}
+    if sq_out is not None:
+        _check_flat(sq_out, "sq_out", (torch.float32,))
+        if sq_out.device != acc.device or sq_out.numel() == 0:
+            raise ValueError(f"sq_out must hold at least one element on {acc.device}, got {sq_out.numel()} on "
+                             f"{sq_out.device}")
+        if _overlap(sq_out, acc) or _overlap(sq_out, grad):
+            raise ValueError("sq_out overlaps acc or grad in memory")
+        extra.update(sq_out=sq_out.view(-1), sq_weight=_scalar(sq_weight, "sq_weight", acc.device))
+    if norm_out is not None:
+        slots = sq_slots(acc)
+        check_norm_out(norm_out, norm_slot, slots, acc, {"acc": acc, "grad": grad, "sq_out": sq_out})
+        if sq_out is not None and sq_out.numel() < slots:
+            raise ValueError(f"sq_out has {sq_out.numel()} slots; with norm_out it needs sq_slots(acc) = {slots}")
+        if norm_dtype not in GRAD_DTYPES:
+            raise TypeError(f"norm_dtype must be one of {GRAD_DTYPES}, got {norm_dtype!r}")
+        extra.update(norm_out=norm_out, norm_slot=int(norm_slot), inv_scale=_scalar(inv_scale, "inv_scale", acc.device),
+                     norm_type=_norm_order(norm_type), norm_dtype=norm_dtype)
     _backend.operators(acc.device).accumulate_(
-        acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite),
-        sq_out=sq_out.view(-1), sq_weight=w)
+        acc.view(-1), grad.view(-1), s, zero_grad=bool(zero_grad), overwrite=bool(overwrite), **extra)
     return acc
 
 
@@ -153,7 +166,7 @@ def _as_list(tensors, name: str) -> list:
 
 @torch.no_grad()
 def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *,
-                        out=None, skip_if_nonfinite=True, reduce_partials=None, apply=True):
+                        out=None, skip_if_nonfinite=True, reduce_partials=None, apply=True, partials=None):
     """``unscale_clip_`` returning the fp32 ``[total_norm, found_inf, coef, store_overflow]``
     tensor; ``store_overflow`` is 1.0 when found_inf comes from an overflow on store alone (all
     values finite, a result too large for its fp16/bf16 destination: no loss scale cures it).
@@ -165,7 +178,9 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     dim (``torch.cat(..., -1)`` of an ``all_gather``) makes the stats those of the union of
     all ranks' buckets (sharded gradients). It must keep the device and the number of rows.
     ``apply=False`` stops after the finalize and returns ``(stats, OwedApply)``: the apply pass
-    is the caller's to run later, or to hand to a fused optimizer (``_optim.Fold``)."""
+    is the caller's to run later, or to hand to a fused optimizer (``_optim.Fold``). ``partials``:
+    per bucket None or its partials already taken (``accumulate_(norm_out=...)`` of its last
+    pass, with the same ``inv_scale``, ``norm_type`` and ``out`` dtype); the norm pass runs over the others."""
     buckets = _as_list(buckets, "buckets")
     if not buckets:
         raise ValueError("buckets is empty")
@@ -213,7 +228,10 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     if reduce_partials is not None and not callable(reduce_partials):
         raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
     impl = _backend.operators(device)
-    partials = impl.norm_partials(flat, inv, p, out=out)
+    if partials is None:
+        partials = impl.norm_partials(flat, inv, p, out=out)
+    else:
+        partials = merged(impl, flat, check_given(partials, flat, impl), inv, p, out)
     if reduce_partials is not None:
         # Ranks with shards of different sizes get different slot counts from the kernels; a
         # gather needs one shape everywhere, so pad to the bound that depends on the bucket count only.
@@ -232,35 +250,6 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
         return stats, owed
     owed()
     return stats
-
-
-class OwedApply:
-    """The apply pass of a finalized ``_unscale_clip_stats``: runs once, on the first call."""
-
-    def __init__(self, run):
-        self._run = run
-
-    @property
-    def pending(self) -> bool:
-        return self._run is not None
-
-    def __call__(self) -> None:
-        run, self._run = self._run, None
-        if run is not None:
-            run()
-
-
-def _pad_slots(partials: torch.Tensor, width: int) -> torch.Tensor:
-    """partials with neutral slots appended up to ``width``: nothing summed, the smallest scale
-    exponent, nothing non-finite, no store limit (what the finalize uses for no elements).
-    Fills on the device, no copy from the host."""
-    missing = width - partials.shape[-1]
-    if missing <= 0:
-        return partials
-    neutral = partials.new_zeros(partials.shape[0], missing)
-    neutral[ROW_EXP].fill_(-126.0)
-    neutral[ROW_LIMIT].fill_(math.inf)
-    return torch.cat([partials, neutral], dim=-1)
 
 
 def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP_EPS, *, out=None):

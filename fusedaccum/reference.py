@@ -14,17 +14,15 @@ import math
 import torch
 
 from ._finalize_host import finalize_host, host_partials
+from ._ref_norm import (NORM_ROW, SAFE_SUM, _codes, _max_abs, _p_sum, _row_norms,  # noqa: F401
+                        _scale_exponent, store_limit)
 
-# Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels.unscale_clip), one
+# Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels._norm), one
 # column per slot. Every row folds across slots, so the partials of several ranks concatenated
 # along the slots finalize to the global result.
 ROW_SUM, ROW_EXP, ROW_BAD, ROW_MAX, ROW_LIMIT = range(5)
-# The CPU fast path for the 2-norm: fp32 norms of rows of this many elements (one pass, as fast
-# as a copy), folded in fp64. Used when the folded Σx² shows that no row left the range in
-# which fp32 squares are exact enough (SAFE_SUM); otherwise the scaled path.
-NORM_ROW = 1024
+NUM_ROWS = 5
 MAX_SLOTS_PER_BUCKET = 1  # norm_partials gives every bucket one slot
-SAFE_SUM = (2.0 ** -100, 2.0 ** 100)
 
 
 def _pieces(t: torch.Tensor) -> "list[slice]":
@@ -39,6 +37,7 @@ def _pieces(t: torch.Tensor) -> "list[slice]":
 
 
 CPU_PIECE = 1 << 18
+NORM_GROUP = 1 << 20  # _LastPassNorm: elements looked at together (4 pieces)
 
 
 def _add_(acc: torch.Tensor, x: torch.Tensor, scale: "float | torch.Tensor") -> None:
@@ -48,20 +47,26 @@ def _add_(acc: torch.Tensor, x: torch.Tensor, scale: "float | torch.Tensor") -> 
         acc.add_(x, alpha=scale)
 
 
-def _accumulate_pieces(acc, g, scale, overwrite: bool, squares: "list | None") -> None:
-    """acc (+)= g * scale; with ``squares``, also the fp32 row norms of g's values."""
+def _accumulate_pieces(acc, g, scale, overwrite: bool, squares: "list | None", after=None) -> None:
+    """acc (+)= g * scale; with ``squares``, also the fp32 row norms of g's values; ``after(piece)``
+    runs once each piece of acc is final (while it is in cache)."""
     note = (lambda x: None) if squares is None else (lambda x: squares.extend(_row_norms(x)))
+    done = (lambda piece: None) if after is None else after
+    by_piece = squares is not None or after is not None
     if overwrite:
         # copy_ then mul_, not torch.mul(g, s, out=acc): that would round the product to
         # grad's (possibly bf16) dtype before it lands in fp32.
-        for piece in (_pieces(acc) if squares is not None else [slice(0, acc.numel())]):
+        for piece in (_pieces(acc) if by_piece else [slice(0, acc.numel())]):
             a = acc[piece]
             a.copy_(g[piece])
             note(a)
             a.mul_(scale)
+            done(piece)
     elif g.dtype == acc.dtype:
         note(g)
-        _add_(acc, g, scale)
+        for piece in (_pieces(acc) if after is not None else [slice(0, acc.numel())]):
+            _add_(acc[piece], g[piece], scale)
+            done(piece)
     else:
         # The sum in fp32 of an exact fp32 copy of grad, piece by piece: the same bits as a
         # mixed-dtype add_, which converts element by element and is slow on the CPU.
@@ -70,6 +75,7 @@ def _accumulate_pieces(acc, g, scale, overwrite: bool, squares: "list | None") -
             x = scratch.resize_(piece.stop - piece.start).copy_(g[piece])
             note(x)
             _add_(acc[piece], x, scale)
+            done(piece)
 
 
 def accumulate_(
@@ -81,28 +87,87 @@ def accumulate_(
     overwrite: bool,
     sq_out: "torch.Tensor | None" = None,
     sq_weight: "float | torch.Tensor" = 1.0,
+    norm_out: "torch.Tensor | None" = None,
+    norm_slot: int = 0,
+    inv_scale: "float | torch.Tensor" = 1.0,
+    norm_type: float = 2.0,
+    norm_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
+    """``norm_out``: column ``norm_slot`` gets ``norm_partials([acc], inv_scale, norm_type)`` of
+    the finished acc, stored as ``norm_dtype`` (the same bits). The CPU's 2-norm fast path is
+    taken a few pieces at a time while they are in cache (no second pass over acc); every
+    other case (and a sum outside the fast path's range) runs ``norm_partials`` after the add."""
     g = grad.view(-1)
+    last = _LastPassNorm(acc, inv_scale, norm_type, norm_dtype) if norm_out is not None else None
+    after = None if last is None else last.after
     if sq_out is None:
-        _accumulate_pieces(acc, g, scale, overwrite, None)
+        _accumulate_pieces(acc, g, scale, overwrite, None, after)
     else:
         # Σ grad² of the fp32 values the pass adds, piece by piece while each is in cache:
         # fp32 rows folded in fp64, like the norm. The whole sum goes into slot 0 (the kernels
         # spread it over one slot per program).
         squares = []
-        _accumulate_pieces(acc, g, scale, overwrite, squares)
+        _accumulate_pieces(acc, g, scale, overwrite, squares, after)
         sq = torch.cat(squares).double().square().sum().float() if squares else torch.zeros((), device=g.device)
         if overwrite:
             sq_out.zero_()
         sq_out[0] += sq * sq_weight
+    if last is not None:
+        norm_out[:, norm_slot].copy_(last.column())
     if zero_grad:
         grad.zero_()
     return acc
 
 
+class _LastPassNorm:
+    """The partials of a bucket as its accumulate pass finishes each piece: norm_partials' CPU
+    fast path for the 2-norm (row norms, max|x| where a store can overflow), taken per group of pieces;
+    ``column()`` is norm_partials' column, from them or (outside the fast path) from a pass."""
+
+    def __init__(self, acc, inv_scale, norm_type, norm_dtype):
+        self.acc, self.inv_scale, self.norm_type, self.dtype = acc, inv_scale, norm_type, norm_dtype
+        inv = float(inv_scale) if _reads_host(acc.device) else math.nan  # a CPU value: no sync
+        # norm_partials' own choice of its fast path (a finite inv: no 0 * inf, no min|x|).
+        self.fast = _reads_host(acc.device) and norm_type == 2.0 and math.isfinite(inv) and acc.numel() > 0
+        self.need_max = not math.isinf(store_limit(norm_dtype))
+        self.rows, self.maxes = [], []
+        self.start = 0  # where the finished part not yet looked at begins
+
+    def after(self, piece: slice) -> None:
+        if not self.fast or (piece.stop - self.start < NORM_GROUP and piece.stop < self.acc.numel()):
+            return
+        # A few pieces at a time: still in the last-level cache, and fewer, larger ops (at one
+        # piece each, the ops' fixed cost is a third of the time). Groups start at multiples of
+        # CPU_PIECE (of NORM_ROW): the rows are the whole bucket's.
+        group = self.acc[self.start:piece.stop]
+        self.start = piece.stop
+        self.rows.extend(_row_norms(group))
+        if self.need_max:
+            self.maxes.append(_max_abs(group))
+
+    def column(self) -> torch.Tensor:
+        like = [torch.empty(0, dtype=self.dtype, device=self.acc.device)]  # norm_partials reads its dtype
+        if self.fast:
+            total = torch.cat(self.rows).double().square().sum()
+            if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1]:
+                m = torch.stack(self.maxes).max() if self.need_max else None
+                return _partials([(total.float(), None, m, None)], [self.acc], like, _inv(self.inv_scale,
+                                                                                          self.acc.device))[:, 0]
+        return norm_partials([self.acc], self.inv_scale, self.norm_type, out=like)[:, 0]
+
+
 def sq_slots(n: int) -> int:
     """How many ``sq_out`` slots ``accumulate_`` fills for a bucket of ``n`` elements."""
     return 1
+
+
+def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
+    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
+    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
+    the check reads a CPU tensor, which is no device synchronisation (here, in reference.py: the tests
+    tell the reference's own reads by the file)."""
+    total = torch.cat(_row_norms(b)).double().square().sum()
+    return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
 
 
 def _inv(inv_scale, device) -> torch.Tensor:
@@ -112,72 +177,9 @@ def _inv(inv_scale, device) -> torch.Tensor:
             else torch.full((), inv_scale, dtype=torch.float32, device=device))
 
 
-def store_limit(dtype: torch.dtype) -> float:
-    """The smallest fp32 magnitude that becomes inf when rounded (to nearest even) to dtype:
-    halfway between its largest finite value and the next power of two. inf for fp32."""
-    if dtype == torch.float32:
-        return math.inf
-    top = torch.finfo(dtype).max
-    return (top + 2.0 ** math.frexp(top)[1]) / 2  # 65520 for fp16, exact in fp32
-
-
-def _scale_exponent(m: torch.Tensor) -> torch.Tensor:
-    """floor(log2(m)) clamped to [-126, 126] (int32): a slot's sum is kept relative to 2**that,
-    so that neither tiny nor huge values leave the fp32 range (LAPACK nrm2's idea)."""
-    return (torch.frexp(m).exponent - 1).clamp_(-126, 126)
-
-
-def _max_abs(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = torch.aminmax(x)
-    return torch.maximum(hi, -lo).float()  # NaN if x holds one
-
-
 def _reads_host(device: torch.device) -> bool:
     """Whether this device's values can be read without a synchronisation (the CPU's)."""
     return device.type == "cpu"
-
-
-def _row_norms(b: torch.Tensor) -> "list[torch.Tensor]":
-    """fp32 2-norms of b's rows of NORM_ROW elements (and of its tail): one pass."""
-    n = b.numel()
-    bulk = n - n % NORM_ROW
-    rows = []
-    if bulk:
-        rows.append(torch.linalg.vector_norm(b[:bulk].view(-1, NORM_ROW), 2, dim=1, dtype=torch.float32))
-    if bulk != n:
-        rows.append(torch.linalg.vector_norm(b[bulk:], 2, dtype=torch.float32).reshape(1))
-    return rows
-
-
-def _fast_sum_of_squares(b: torch.Tensor) -> "torch.Tensor | None":
-    """Σx² of b from fp32 row norms folded in fp64, or None when the fold is outside SAFE_SUM
-    (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
-    the check reads a CPU tensor, which is no device synchronisation."""
-    total = torch.cat(_row_norms(b)).double().square().sum()
-    return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
-
-
-def _p_sum(t: torch.Tensor, m: torch.Tensor, p: float) -> torch.Tensor:
-    """Σ(t/m)^p (fp64) for t = |x| >= 0 with max m: every term <= 1, the largest exactly 1, so
-    no p overflows it (p = 150) and no small term underflows where it counts (subnormal x at
-    p = 12). p > 1: in fp32 in t itself (what underflows there is below 2^-149 of the largest
-    term); p < 1: in fp64, where t/m = 1e-80 (80 decades) still adds 1e-8 at p = 0.1. 0 when
-    m is 0. t is overwritten."""
-    if p > 1:
-        total = t.div_(m).pow_(p).sum().double()  # torch.sum adds pairwise on the CPU
-    else:
-        total = t.double().div_(m.double()).pow_(p).sum()
-    return torch.where(m > 0, total, 0.0)
-
-
-def _codes(maxes: torch.Tensor, zeros: torch.Tensor, nonempty: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """The non-finite code of each slot's x * inv (0 finite, 1 inf, 2 NaN) from its max|x|
-    (NaN if x holds one), whether it holds a 0 and whether it holds anything: x * inv is NaN
-    where x is, where inv is, and for 0 * inf; else inf where max|x| * |inv| overflows
-    (fp32 rounding is monotonic)."""
-    y = maxes * inv.abs()
-    code = torch.where(y.isnan() | (zeros & inv.isinf()), 2.0, torch.where(y.isinf(), 1.0, 0.0))
-    return torch.where(nonempty, code, 0.0)
 
 
 def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tensor", norm_type: float, *,
@@ -200,7 +202,6 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
         if fast is not None:
             return fast
     cols = []  # per bucket: (sum, exponent, max|x| or None when not needed, holds a zero)
-    limits = []
     scratch = torch.empty(0, dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -208,7 +209,6 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     general = not (math.isinf(norm_type) or norm_type in (1.0, 2.0))
     for i, b in enumerate(buckets):
         limit = store_limit((b if out is None else out[i]).dtype)
-        limits.append(limit)
         fast = (_fast_sum_of_squares(b) if norm_type == 2.0 and b.numel() and host and not need_min
                 and math.isfinite(float(inv)) else None)
         if b.numel() == 0:
@@ -259,6 +259,16 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
             e_top = e.max()
             total = (torch.stack(sums).double() * torch.exp2(norm_type * (e - e_top))).sum()
             cols.append((total.float(), e_top.float(), m, has_zero))
+    return _partials(cols, buckets, out, inv)
+
+
+def _partials(cols, buckets, out, inv) -> torch.Tensor:
+    """norm_partials' columns from each bucket's (sum, exponent or None: 0, max|x| or None when
+    not needed, holds a zero or None: no)."""
+    device = inv.device
+    one = torch.ones((), dtype=torch.float32, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
     sums = torch.stack([c[0] for c in cols])
     maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
     # Where max|x| is not taken (fast path, fp32 result), every x is finite and at most
@@ -267,9 +277,11 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
     present = torch.stack([one if c[2] is None else c[2] for c in cols])
     nonempty = torch.stack([one if b.numel() else zero for b in buckets]) > 0  # fills, not a host copy
     # From max|x| alone, not from the sums: inf / inf in Σ(|x|/m)^p is NaN for an inf x.
-    code = _codes(present, torch.stack([c[3] for c in cols]), nonempty, inv)
+    code = _codes(present, torch.stack([no if c[3] is None else c[3] for c in cols]), nonempty, inv)
+    limits = [store_limit((b if out is None else out[i]).dtype) for i, b in enumerate(buckets)]
     limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
-    return torch.stack([sums, torch.stack([c[1] for c in cols]), code, maxes, limits])
+    exps = torch.stack([zero if c[1] is None else c[1] for c in cols])
+    return torch.stack([sums, exps, code, maxes, limits])
 
 
 def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",

@@ -378,7 +378,8 @@ def test_statistics_off_cost_no_launch_and_on_cost_what_is_documented(backend, d
         accumulates = [sq for name, sq in calls if name == "accumulate_"]
         # Off, bf16 goes straight into fp32 where Tensor.grad_dtype exists (no accumulate pass).
         assert accumulates == ([on] * 3 if dtype == torch.bfloat16 and not acc.buckets.direct else [])
-        step = ["norm_partials", "finalize", "apply"]
+        # bf16 landing buckets in one process: the window's last accumulate pass writes the norm partials.
+        step = ["norm_partials", "finalize", "apply"][1 if accumulates else 0:]
         assert [name for name, _ in calls if name != "accumulate_"] == (
             ["sum_squares", "norm_partials", "finalize"] + step if on and dtype == torch.float32 else step)
         acc.release()
