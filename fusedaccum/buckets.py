@@ -44,6 +44,10 @@ class _Reattach:
         # DTensor (FSDP2) parameters get their gradient from FSDP2, not from autograd: they count
         # as used unless a watched stand-in (their unsharded parameter) tells.
         self.untracked: set = set()
+        # Deferred mode: every parameter autograd accumulated into since the last settle(), appended
+        # by the hook itself (list.append: no Python frame per parameter).
+        self.touched: list = []
+        self.index = {id(p): i for i, (p, _) in enumerate(pairs)}
 
     def count(self, _tensor) -> None:
         self.accumulations += 1
@@ -73,6 +77,33 @@ class _Reattach:
                 torch.autograd.Variable._execution_engine.queue_callback(self.zero_unattached)
 
         return reattach
+
+    def reattach_all(self, params) -> bool:
+        """What the eager hooks do at once, after the fact, for ``params``: a replaced grad is
+        copied into its view and re-pointed. Returns whether one was."""
+        replaced = False
+        for p in params:
+            view = self.pairs[self.index[id(p)]][1]
+            if p.grad is not view and p.grad is not None:
+                with torch.no_grad():
+                    view.copy_(p.grad)
+                p.grad = view
+                replaced = True
+        return replaced
+
+    def mark_touched(self) -> None:
+        """Mark the parameters in the deferred hooks' records used."""
+        if self.touched and not all(self.used):
+            ids = set(map(id, self.touched))
+            for i, (p, _) in enumerate(self.pairs):
+                if id(p) in ids:
+                    self.used[i] = True
+
+    def fold(self) -> None:
+        """Mark the records' parameters used and move their count into ``accumulations``."""
+        self.mark_touched()
+        self.accumulations += len(self.touched)
+        self.touched.clear()
 
     @torch.no_grad()
     def zero_unattached(self) -> None:
@@ -250,6 +281,8 @@ class GradBuckets:
         reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
         reattach.untracked.update(i for i, (p, _) in enumerate(reattach.pairs) if _local(p, dtensor) is not p)
         self._reattach = reattach
+        #: whether the hooks re-point at once (else ``settle()`` does, after the owner's backward)
+        self.eager = True
         self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(i, view))
                        for i, (p, view) in enumerate(reattach.pairs)]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
@@ -262,6 +295,42 @@ class GradBuckets:
             for p, view in zip(b.params, b.views):
                 if p.grad is not view:
                     p.grad = view
+
+    def defer_reattach(self) -> None:
+        """For an owner that runs every backward meant for these parameters itself, between
+        ``mark()`` and ``settle()`` (GradAccumulator): each parameter's hook then only records
+        that autograd reached it (a builtin ``list.append``, no Python frame: a hook per
+        parameter per backward was most of the fixed cost of a small model's window), and
+        ``settle()`` does the rest once per backward. A backward outside the owner's is still
+        counted (``accumulations``), but not re-pointed. DTensor buckets keep eager hooks."""
+        if not self.eager or self.sharded:
+            return
+        r = self._reattach
+        for h in self._hooks[:len(r.pairs)]:
+            h.remove()
+        self._hooks[:len(r.pairs)] = [p.register_post_accumulate_grad_hook(r.touched.append) for p, _ in r.pairs]
+        self.eager = False
+
+    def _versions(self) -> int:
+        # Every in-place write through a view bumps its bucket's shared version counter once.
+        return sum(b.grads._version for b in self.buckets)
+
+    def mark(self):
+        """Before a backward the owner runs (``eager=False``): what ``settle()`` compares with."""
+        return None if self.eager else (len(self._reattach.touched), self._versions())
+
+    def settle(self, mark) -> None:
+        """After that backward: count it, mark its parameters used, and re-point what it
+        replaced. Autograd adds into an attached ``.grad`` in place, one version bump per
+        parameter: when the buckets moved by exactly as many bumps as parameters were reached,
+        no ``.grad`` was replaced, and the per-parameter check is skipped."""
+        if mark is None:
+            return
+        r, (n0, v0) = self._reattach, mark
+        new = r.touched[n0:]
+        if self._versions() - v0 != len(new) and r.reattach_all(new):
+            r.zero_unattached()
+        r.fold()
 
     def step_outputs(self) -> "list | None":
         """Where the step writes each bucket's processed gradient (``out=`` of the apply pass):
@@ -361,16 +430,18 @@ class GradBuckets:
         (or into a watched stand-in) since ``reset_used()``: host bools, set by the hooks. A
         DTensor parameter without a watched stand-in always reads True (nothing can tell)."""
         r = self._reattach
+        r.mark_touched()
         return [u or i in r.untracked for i, u in enumerate(r.used)]
 
     def reset_used(self) -> None:
+        self._reattach.fold()
         self._reattach.used[:] = [False] * len(self._reattach.used)
 
     @property
     def accumulations(self) -> int:
         """How many times autograd has accumulated a gradient into one of the parameters (a
         host-side counter, bumped by the post-accumulate-grad hooks)."""
-        return self._reattach.accumulations
+        return self._reattach.accumulations + len(self._reattach.touched)
 
     def __iter__(self):
         return iter(self.buckets)
