@@ -95,6 +95,9 @@ class _Reattach:
         """Mark the parameters in the deferred hooks' records used."""
         if self.touched and not all(self.used):
             ids = set(map(id, self.touched))
+            if len(ids) == len(self.pairs):  # deferred hooks are on these parameters only: all reached
+                self.used[:] = [True] * len(ids)
+                return
             for i, (p, _) in enumerate(self.pairs):
                 if id(p) in ids:
                     self.used[i] = True
@@ -327,8 +330,7 @@ class GradBuckets:
         if mark is None:
             return
         r, (n0, v0) = self._reattach, mark
-        new = r.touched[n0:]
-        if self._versions() - v0 != len(new) and r.reattach_all(new):
+        if self._versions() - v0 != len(r.touched) - n0 and r.reattach_all(r.touched[n0:]):
             r.zero_unattached()
         r.fold()
 
