@@ -435,6 +435,12 @@ class GradBuckets:
         r.mark_touched()
         return [u or i in r.untracked for i, u in enumerate(r.used)]
 
+    def all_used(self) -> bool:
+        """Whether ``used`` is all True (without building the list: the usual case, every step)."""
+        r = self._reattach
+        r.mark_touched()
+        return all(r.used) or all(u or i in r.untracked for i, u in enumerate(r.used))
+
     def reset_used(self) -> None:
         self._reattach.fold()
         self._reattach.used[:] = [False] * len(self._reattach.used)
