@@ -192,6 +192,9 @@ class GradBuckets:
     a backward reaches one of its parameters the bucket keeps the old values: read it
     through ``param.grad``, or call ``zero_()``. With ``backward(create_graph=True)`` the
     views hold the values but no graph (no double backward through ``param.grad``).
+    An owner that runs every backward meant for the parameters itself (GradAccumulator) calls
+    ``defer_reattach()``: the hooks then only record, and ``settle()`` after each of its
+    backwards does the rest, so no Python code runs per parameter per backward.
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
