@@ -329,7 +329,10 @@ class GradBuckets:
         """After that backward: count it, mark its parameters used, and re-point what it
         replaced. Autograd adds into an attached ``.grad`` in place, one version bump per
         parameter: when the buckets moved by exactly as many bumps as parameters were reached,
-        no ``.grad`` was replaced, and the per-parameter check is skipped."""
+        no ``.grad`` was replaced, and the per-parameter check is skipped. (Only a backward whose
+        own hooks both replace one ``.grad`` and write another in place could offset the count:
+        the replaced one is then re-pointed at its view by the next ``attach()``, as on main a
+        ``.grad`` assigned between two backwards is.)"""
         if mark is None:
             return
         r, (n0, v0) = self._reattach, mark
