@@ -70,9 +70,9 @@ class ParamUsage:
         """``grad = None`` on every parameter no rank used in this window. ``global_mask``: the
         all-reduced ``local_mask`` (None in one process). Reads it on the host (one sync) only
         when this rank left a parameter unused."""
-        used = self._buckets.used
-        if all(used):
+        if self._buckets.all_used():
             return
+        used = self._buckets.used
         if global_mask is not None:
             used = [u or g > 0 for u, g in zip(used, global_mask.tolist())]
         for p, u in zip(self._buckets.params, used):

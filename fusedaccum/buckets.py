@@ -11,12 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ._dtensor import dtensor_type, replica_key
+from ._reattach import _Reattach
 from .ops import GRAD_DTYPES, _dense_layout, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
-# Which backward is running (torch's register_multi_grad_hook uses it too). A torch without it
-# gets a fresh object each time: the end-of-backward callback is then queued per re-attach.
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", object)
 
 
 def grad_dtype_supported() -> bool:
@@ -24,64 +22,6 @@ def grad_dtype_supported() -> bool:
     (``Tensor.grad_dtype``, torch 2.13): bf16/fp16 gradients can then be fp32 bucket views.
     Detected by the feature, not the version string."""
     return hasattr(torch.Tensor, "grad_dtype")
-
-
-class _Reattach:
-    """The post-accumulate-grad hooks' shared state. It holds no reference to the GradBuckets
-    (the hooks live on the parameters, and must not keep it alive)."""
-
-    def __init__(self, pairs: list):
-        self.pairs = pairs  # (param, view) of every bucket
-        # The backward whose end callback is queued: a backward that raised never ran its
-        # callback, so a flag would stay set and skip the zeroing in every later backward.
-        self.queued_for = None
-        # Every autograd accumulation into a parameter, counted: the accumulator compares it with
-        # the count its own backwards made to catch a backward that bypassed it (fusedaccum.guards).
-        self.accumulations = 0
-        # Which parameters (by index into pairs) autograd accumulated into since reset_used():
-        # a parameter with none in a window gets no gradient at the step, as in a large batch.
-        self.used = [False] * len(pairs)
-        # DTensor (FSDP2) parameters get their gradient from FSDP2, not from autograd: they count
-        # as used unless a watched stand-in (their unsharded parameter) tells.
-        self.untracked: set = set()
-
-    def count(self, _tensor) -> None:
-        self.accumulations += 1
-
-    def count_for(self, i: int):
-        """A watch hook that also marks parameter ``i`` used (its stand-in got a gradient)."""
-        def count(_tensor) -> None:
-            self.accumulations += 1
-            self.used[i] = True
-
-        return count
-
-    def hook(self, i: int, view: torch.Tensor):
-        def reattach(p: torch.Tensor) -> None:
-            self.accumulations += 1
-            self.used[i] = True
-            if p.grad is view:
-                return
-            # p.grad was set to None (zero_grad) or replaced: what it holds now is the whole
-            # gradient of p, so it overwrites p's view, and only p's.
-            with torch.no_grad():
-                view.copy_(p.grad)
-            p.grad = view
-            task = _graph_task_id()
-            if self.queued_for != task:
-                self.queued_for = task
-                torch.autograd.Variable._execution_engine.queue_callback(self.zero_unattached)
-
-        return reattach
-
-    @torch.no_grad()
-    def zero_unattached(self) -> None:
-        """End of a backward that found detached gradients: a parameter whose grad is still
-        None (zero_grad, then no gradient this time) reads zero in the bucket."""
-        self.queued_for = None
-        for p, view in self.pairs:
-            if p.grad is None:
-                view.zero_()
 
 
 def _remove_handles(handles: list) -> None:
@@ -158,6 +98,9 @@ class GradBuckets:
     a backward reaches one of its parameters the bucket keeps the old values: read it
     through ``param.grad``, or call ``zero_()``. With ``backward(create_graph=True)`` the
     views hold the values but no graph (no double backward through ``param.grad``).
+    An owner that runs every backward meant for the parameters itself (GradAccumulator) calls
+    ``defer_reattach()``: the hooks then only record, and ``settle()`` after each of its
+    backwards does the rest, so no Python code runs per parameter per backward.
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
@@ -250,6 +193,8 @@ class GradBuckets:
         reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
         reattach.untracked.update(i for i, (p, _) in enumerate(reattach.pairs) if _local(p, dtensor) is not p)
         self._reattach = reattach
+        #: whether the hooks re-point at once (else ``settle()`` does, after the owner's backward)
+        self.eager = True
         self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(i, view))
                        for i, (p, view) in enumerate(reattach.pairs)]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
@@ -262,6 +207,44 @@ class GradBuckets:
             for p, view in zip(b.params, b.views):
                 if p.grad is not view:
                     p.grad = view
+
+    def defer_reattach(self) -> None:
+        """For an owner that runs every backward meant for these parameters itself, between
+        ``mark()`` and ``settle()`` (GradAccumulator): each parameter's hook then only records
+        that autograd reached it (a builtin ``list.append``, no Python frame: a hook per
+        parameter per backward was most of the fixed cost of a small model's window), and
+        ``settle()`` does the rest once per backward. A backward outside the owner's is still
+        counted (``accumulations``), but not re-pointed. DTensor buckets keep eager hooks."""
+        if not self.eager or self.sharded:
+            return
+        r = self._reattach
+        for h in self._hooks[:len(r.pairs)]:
+            h.remove()
+        self._hooks[:len(r.pairs)] = [p.register_post_accumulate_grad_hook(r.touched.append) for p, _ in r.pairs]
+        self.eager = False
+
+    def _versions(self) -> int:
+        # Every in-place write through a view bumps its bucket's shared version counter once.
+        return sum(b.grads._version for b in self.buckets)
+
+    def mark(self):
+        """Before a backward the owner runs (``eager=False``): what ``settle()`` compares with."""
+        return None if self.eager else (len(self._reattach.touched), self._versions())
+
+    def settle(self, mark) -> None:
+        """After that backward: count it, mark its parameters used, and re-point what it
+        replaced. Autograd adds into an attached ``.grad`` in place, one version bump per
+        parameter: when the buckets moved by exactly as many bumps as parameters were reached,
+        no ``.grad`` was replaced, and the per-parameter check is skipped. (Only a backward whose
+        own hooks both replace one ``.grad`` and write another in place could offset the count:
+        the replaced one is then re-pointed at its view by the next ``attach()``, as on main a
+        ``.grad`` assigned between two backwards is.)"""
+        if mark is None:
+            return
+        r, (n0, v0) = self._reattach, mark
+        if self._versions() - v0 != len(r.touched) - n0 and r.reattach_all(r.touched[n0:]):
+            r.zero_unattached()
+        r.fold()
 
     def step_outputs(self) -> "list | None":
         """Where the step writes each bucket's processed gradient (``out=`` of the apply pass):
@@ -370,16 +353,24 @@ class GradBuckets:
         (or into a watched stand-in) since ``reset_used()``: host bools, set by the hooks. A
         DTensor parameter without a watched stand-in always reads True (nothing can tell)."""
         r = self._reattach
+        r.mark_touched()
         return [u or i in r.untracked for i, u in enumerate(r.used)]
 
+    def all_used(self) -> bool:
+        """Whether ``used`` is all True (without building the list: the usual case, every step)."""
+        r = self._reattach
+        r.mark_touched()
+        return all(r.used) or all(u or i in r.untracked for i, u in enumerate(r.used))
+
     def reset_used(self) -> None:
+        self._reattach.fold()
         self._reattach.used[:] = [False] * len(self._reattach.used)
 
     @property
     def accumulations(self) -> int:
         """How many times autograd has accumulated a gradient into one of the parameters (a
         host-side counter, bumped by the post-accumulate-grad hooks)."""
-        return self._reattach.accumulations
+        return self._reattach.accumulations + len(self._reattach.touched)
 
     def __iter__(self):
         return iter(self.buckets)

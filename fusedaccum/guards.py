@@ -87,6 +87,7 @@ class WindowGuard:
     def __init__(self, accumulator, buckets, sums: "list[torch.Tensor]"):
         self._acc = weakref.ref(accumulator)
         self._buckets = buckets
+        buckets.defer_reattach()  # backward() settles each of acc.backward's backwards
         self._param_ids = {id(p) for p in buckets.params}
         # The tensors whose in-place changes mean the window's sum changed: the fp32 buckets that
         # param.grad are views of (landing buckets are zero between backwards: erasing them is harmless).
@@ -152,13 +153,14 @@ class WindowGuard:
         """Around the autograd backward of ``acc.backward``: a loss that reached no managed
         parameter raises before the window counts it; a backward that raised after reaching
         some is remembered, for the next call's error."""
-        before = self._buckets.accumulations
+        before, mark = self._buckets.accumulations, self._buckets.mark()
         try:
             yield
         except BaseException as exc:
             if self._buckets.accumulations != before:
                 self._failed = f"{type(exc).__name__}: {exc}"
             raise
+        self._buckets.settle(mark)
         if self._buckets.accumulations == before:
             raise ValueError(
                 "acc.backward(loss): the loss reaches none of this GradAccumulator's parameters (its backward "
