@@ -28,6 +28,20 @@ PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 KINDS = [uc.NORM_INF, uc.NORM_L1, uc.NORM_L2, uc.NORM_P]
 
 
+def accumulate_variant(g, n, from_ptr, overwrite, zero, sq, sq_from_ptr, norm=None):
+    """accumulate_kernel's signature and constants; ``norm``: (NORM_KIND, INV_FROM_PTR), or None (no norm)."""
+    kind, inv_from_ptr = norm or (uc.NORM_L2, False)
+    return (acc_mod.accumulate_kernel,
+            {"acc_ptr": "*fp32", "grad_ptr": PTR[g], "scale_ptr": "*fp32", "scale_value": "fp32",
+             "n": n, "tiles_per_program": "i32", "sq_ptr": "*fp32", "sq_weight_ptr": "*fp32",
+             "sq_weight_value": "fp32", "norm_ptr": "*fp32", "norm_slot": "i32", "norm_stride": "i32",
+             "inv_ptr": "*fp32", "inv_value": "fp32", "p": "fp32", "limit": "fp32"},
+            {"SCALE_FROM_PTR": from_ptr, "OVERWRITE": overwrite, "ZERO_GRAD": zero, "BLOCK": BLOCK, "SQ": sq,
+             "SQ_WEIGHT_FROM_PTR": sq_from_ptr, "NORM": norm is not None, "INV_FROM_PTR": inv_from_ptr,
+             "NORM_KIND": kind},
+            NUM_WARPS)
+
+
 def variants():
     for g in PTR:
         for from_ptr in (False, True):
@@ -36,13 +50,14 @@ def variants():
                     # Σ grad² partials (signals): off, on with a float weight, on with a tensor weight.
                     for sq, sq_from_ptr in ((False, False),) + (((True, False), (True, True))
                                                                  if n == "i64" and not from_ptr else ()):
-                        yield (acc_mod.accumulate_kernel,
-                               {"acc_ptr": "*fp32", "grad_ptr": PTR[g], "scale_ptr": "*fp32", "scale_value": "fp32",
-                                "n": n, "tiles_per_program": "i32", "sq_ptr": "*fp32", "sq_weight_ptr": "*fp32",
-                                "sq_weight_value": "fp32"},
-                               {"SCALE_FROM_PTR": from_ptr, "OVERWRITE": overwrite, "ZERO_GRAD": zero,
-                                "BLOCK": BLOCK, "SQ": sq, "SQ_WEIGHT_FROM_PTR": sq_from_ptr},
-                               NUM_WARPS)
+                        yield accumulate_variant(g, n, from_ptr, overwrite, zero, sq, sq_from_ptr)
+    # The norm partials of the sum in the window's last pass (landing buckets: bf16/fp16 grads,
+    # zero_grad; overwrite when K = 1): every norm kind, the inverse scale from a pointer and as a
+    # value, with the Σ grad² partials too (each choice once: the compile time adds up).
+    for overwrite in (False, True):
+        for kind in KINDS:
+            yield accumulate_variant("bf16", "i64", False, overwrite, True, False, False, (kind, overwrite))
+    yield accumulate_variant("fp16", "i64", False, False, True, True, True, (uc.NORM_L2, True))
     for x in PTR:
         for kind in KINDS:
             for from_ptr in (False, True):
