@@ -299,9 +299,11 @@ def signals_window_group(n, device, param_dtype, k=WINDOW_K) -> Group:
             return window
         return build
 
-    landing_bytes = 2 + 6 * k + 8 + 12 * (k - 1) + 10  # bf16 landing (e = 2 bytes), fp32 sums
-    landing_note = (f"zero landing 2 + {k} x autograd in-place add 6 + accumulate (first 8, then 12) + "
-                    "step (norm 4 + apply 6)")
+    # bf16 landing (e = 2 bytes), fp32 sums. One process, full windows: the last accumulate pass
+    # also writes the norm partials, so the step only applies (docs/kernels.md).
+    landing_bytes = 2 + 6 * k + 8 + 12 * (k - 1) + 6
+    landing_note = (f"zero landing 2 + {k} x autograd in-place add 6 + accumulate (first 8, then 12; the last "
+                    "also gives the norm) + step (apply 6)")
     if param_dtype == torch.float32:
         base, note = 12 * k + 16, f"zero bucket 4 + {k} x autograd in-place add 12 + step (norm 4 + apply 8)"
         stats, stats_note = base + 4, note + " + first micro-batch's norm read 4"
