@@ -8,6 +8,7 @@ are interpreted functions and cannot be compiled. Prints one line per variant an
 if any failed.
 """
 
+import multiprocessing
 import os
 import re
 import sys
@@ -82,26 +83,34 @@ def variants():
                        {"SKIP_IF_NONFINITE": skip, "BLOCK": BLOCK}, NUM_WARPS)
 
 
+def compile_variant(index: int) -> "tuple[bool, str]":
+    """Compile the index-th variant: (whether it compiled as required, its line of output)."""
+    kernel, signature, constexprs, num_warps = list(variants())[index]
+    label = f"{kernel.__name__} {signature} {constexprs}"
+    sig = dict(signature, **{name: "constexpr" for name in constexprs})
+    # Pointers from the caching allocator are 16-byte aligned, and the launcher tells
+    # Triton so; say the same here so the PTX shows what a real launch gets.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned),
+                                  target=HOPPER, options={"num_warps": num_warps})
+        assert len(compiled.asm["cubin"]) > 0, "empty cubin"
+        if kernel is not uc.finalize_kernel:
+            # The bandwidth claim rests on 16-byte accesses over the bucket's full tiles.
+            assert re.search(r"ld\.global(\.\w+)*\.v4\.", compiled.asm["ptx"]), "no 16-byte vector loads"
+        return True, f"ok     {label}"
+    except Exception:
+        return False, f"FAILED {label}\n{traceback.format_exc()}"
+
+
 def main() -> int:
-    failed = total = 0
-    for kernel, signature, constexprs, num_warps in variants():
-        total += 1
-        label = f"{kernel.__name__} {signature} {constexprs}"
-        sig = dict(signature, **{name: "constexpr" for name in constexprs})
-        # Pointers from the caching allocator are 16-byte aligned, and the launcher tells
-        # Triton so; say the same here so the PTX shows what a real launch gets.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=aligned),
-                                      target=HOPPER, options={"num_warps": num_warps})
-            assert len(compiled.asm["cubin"]) > 0, "empty cubin"
-            if kernel is not uc.finalize_kernel:
-                # The bandwidth claim rests on 16-byte accesses over the bucket's full tiles.
-                assert re.search(r"ld\.global(\.\w+)*\.v4\.", compiled.asm["ptx"]), "no 16-byte vector loads"
-            print(f"ok     {label}")
-        except Exception:
-            failed += 1
-            print(f"FAILED {label}\n{traceback.format_exc()}")
+    total = len(list(variants()))
+    # One process per core: each compile is single-threaded Python and LLVM (CI has 2 cores).
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(compile_variant, range(total), chunksize=1)
+    for _, line in results:
+        print(line)
+    failed = sum(not ok for ok, _ in results)
     print(f"compiled {total - failed} of {total} kernel variants for sm_90")
     return 1 if failed else 0
 
