@@ -19,7 +19,7 @@ def run_procs(script, tmp_path, world, argv_tail=(), timeout=90, env=None, label
     Returns (returncodes, logs), stdout and stderr together."""
     import pytest
 
-    env = dict(os.environ, FUSEDACCUM_BACKEND="torch", OMP_NUM_THREADS="1", **(env or {}))
+    env = {**os.environ, "FUSEDACCUM_BACKEND": "torch", "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(world), str(tmp_path / "rdzv"),
                                str(tmp_path), *argv_tail], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(world)]

@@ -16,18 +16,15 @@ Tolerance: as in test_accumulator.py, 1e-5 on O(1) weights after <= 3 fp32 steps
 differences are ~1e-7; a wrong normalization or clip moves them by > 1e-3).
 """
 
-import copy
-import datetime
-import os
-import subprocess
 import sys
-import traceback
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _multiproc as mp  # the gloo launcher the multi-process tests share
 
 WORLD = 2
 K = 3
@@ -357,24 +354,9 @@ SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if na
 
 
 def worker(rank, world, rdzv, out_dir, names):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     original = _install_counter()
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](rank, world, original)
-            except Exception:  # recorded for the test; the ranks may now disagree: stop
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    mp.run_worker(rank, world, rdzv, out_dir, names, lambda name: SCENARIOS[name](rank, world, original),
+                  timeout_s=30)
 
 
 # ---------------------------------------------------------------- launching (pytest side)
@@ -382,26 +364,8 @@ def worker(rank, world, rdzv, out_dir, names):
 def launch(tmp_path, backend, names, timeout=90, script=__file__):
     """Run ``names`` (scenarios) on WORLD workers, each ``script`` run as a script (this file,
     or another test file whose ``__main__`` adds its scenarios and calls ``worker``)."""
-    env = dict(os.environ, FUSEDACCUM_BACKEND=backend, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(WORLD), str(tmp_path / "rdzv"),
-                               str(tmp_path), ",".join(names)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(WORLD)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed workers did not finish in {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    return mp.launch(script, tmp_path, WORLD, (",".join(names),), timeout,
+                     env={"FUSEDACCUM_BACKEND": backend, "TRITON_INTERPRET": "1"})
 
 
 TORCH_SCENARIOS = ["mean_clip", "items_clip", "mixed_items", "inf_one_rank", "ddp_mean", "ddp_mean_quickstart",

@@ -22,17 +22,15 @@ Tolerances: 1e-5 on O(1) weights after 3 fp32 AdamW windows with active clipping
 ~1e-7); bf16 compute (MixedPrecisionPolicy param_dtype=bf16): 1e-2 relative to the largest weight.
 """
 
-import datetime
-import os
-import subprocess
 import sys
-import traceback
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import _multiproc as mp  # the gloo launcher the multi-process tests share
 
 IN, H1, H2, OUT = 6, 8, 13, 3
 K = 3
@@ -510,49 +508,15 @@ SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if na
 
 
 def worker(rank, world, rdzv, out_dir, names):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
     _install_counters()
-    dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=20))
-    results = {}
-    try:
-        for name in names:
-            try:
-                results[name] = SCENARIOS[name](rank, world)
-            except Exception:  # recorded for the test; the ranks may now disagree: stop
-                results[name] = {"error": traceback.format_exc()}
-                break
-            dist.barrier()
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    mp.run_worker(rank, world, rdzv, out_dir, names, lambda name: SCENARIOS[name](rank, world), timeout_s=20)
 
 
 # ---------------------------------------------------------------- launching (pytest side)
 
 def launch(tmp_path, world, names, backend="torch", timeout=150):
-    env = dict(os.environ, FUSEDACCUM_BACKEND=backend, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(world), str(tmp_path / "rdzv"),
-                               str(tmp_path), ",".join(names)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed workers did not finish in {timeout} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log}"
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    return mp.launch(__file__, tmp_path, world, (",".join(names),), timeout,
+                     env={"FUSEDACCUM_BACKEND": backend, "TRITON_INTERPRET": "1"})
 
 
 TWO = ["mean_micro", "mean_window", "items_micro", "items_window", "bf16_fp32reduce_micro",
