@@ -13,23 +13,32 @@ def _find(rows, op, impl, layout=None, size=None):
     return None
 
 
+def _timed(rows, op, pick, base_impl, target, met, *, speed_up=False, base_layout=None) -> list:
+    """One target per row of ``op`` that ``pick(row)`` selects, timed against the ``base_impl``
+    row of the same size (and layout, unless ``base_layout``): the ratio ours / base, or
+    base / ours with ``speed_up``; ``target(row)`` names it, ``met(ratio)`` judges it."""
+    out = []
+    for r in rows:
+        if r["op"] == op and pick(r) and r.get("median_s"):
+            base = _find(rows, op, base_impl, base_layout or r["layout"], r["size"])
+            if base:
+                x = base["median_s"] / r["median_s"] if speed_up else r["median_s"] / base["median_s"]
+                out.append({"target": target(r), "met": met(x),
+                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})"})
+    return out
+
+
 def targets(results: dict) -> list:
     """The issue's targets that this run can check, each with the measured value."""
     rows, dev = results["rows"], results["meta"]["device"]["type"]
     out = []
     if dev != "cuda":
-        for r in rows:
-            # The target is on GPT-2 small; --quick's gpt2-tiny stand-in is no measure of it.
-            if r["op"] == "unscale_clip_ fp32" and r.get("ours") and r["layout"] == "gpt2-small bucket" \
-                    and r.get("median_s"):
-                name = "gpt2-small"
-                base = _find(rows, "unscale_clip_ fp32", "torch unscale+clip chain", f"{name} list", r["size"])
-                if base:
-                    x = base["median_s"] / r["median_s"]
-                    out.append({"target": f"CPU: unscale_clip_ (reference) >= 1.8x faster than PyTorch's chain "
-                                          f"on the {name} parameter list ({r['size']:,} elements)",
-                                "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
-                                "met": x >= 1.8})
+        # The target is on GPT-2 small; --quick's gpt2-tiny stand-in is no measure of it.
+        out += _timed(rows, "unscale_clip_ fp32", lambda r: r.get("ours") and r["layout"] == "gpt2-small bucket",
+                      "torch unscale+clip chain",
+                      lambda r: f"CPU: unscale_clip_ (reference) >= 1.8x faster than PyTorch's chain on the "
+                                f"gpt2-small parameter list ({r['size']:,} elements)",
+                      lambda x: x >= 1.8, speed_up=True, base_layout="gpt2-small list")
         out += _fold_targets(rows) + _issue18_targets(results)
         return out
     big = [r for r in rows if r["size"] >= 10**8 and r.get("median_s") and r.get("ours")]
@@ -58,18 +67,12 @@ def targets(results: dict) -> list:
 def _fold_targets(rows) -> list:
     """CPU: the window step with AdamW(fused=True), the multiplier folded into it, against the
     optimizer step alone, at N >= 1e8 (fusedaccum/bench/fold_cases.py)."""
-    out = []
-    op = "window step + AdamW(fused) fp32"
-    for r in rows:
-        if r["op"] == op and r["impl"] == "fusedaccum (fold)" and r["size"] >= 10**8 and r.get("median_s"):
-            base = _find(rows, op, "torch AdamW(fused=True).step() alone", r["layout"], r["size"])
-            if base:
-                x = r["median_s"] / base["median_s"]
-                out.append({"target": f"CPU: fp32 AdamW(fused=True) window step <= 1.45x the optimizer step alone "
-                                      f"at N={_fmt_n(r['size'])}",
-                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
-                            "met": x <= 1.45})
-    return out
+    return _timed(rows, "window step + AdamW(fused) fp32",
+                  lambda r: r["impl"] == "fusedaccum (fold)" and r["size"] >= 10**8,
+                  "torch AdamW(fused=True).step() alone",
+                  lambda r: f"CPU: fp32 AdamW(fused=True) window step <= 1.45x the optimizer step alone "
+                            f"at N={_fmt_n(r['size'])}",
+                  lambda x: x <= 1.45)
 
 
 def _issue18_targets(results: dict) -> list:
@@ -83,23 +86,13 @@ def _issue18_targets(results: dict) -> list:
         out.append({"target": "bf16 parameters hold <= 4.05 B of gradient per parameter between micro-batches "
                               "(one process)",
                     "value": f"{r['bytes_per_param']:g} B ({r['path']})", "met": r["bytes_per_param"] <= 4.05})
-    op = "micro-batch accumulation bf16 (K=4)"
-    for r in rows:
-        if r["op"] == op and r.get("ours") and r["size"] >= 10**8 and r.get("median_s"):
-            base = _find(rows, op, "fusedaccum landing bucket", r["layout"], r["size"])
-            if base:
-                x = r["median_s"] / base["median_s"]
-                out.append({"target": f"CPU: bf16 micro-batch accumulation <= 0.75x today's time (the landing "
-                                      f"path, same run) at N={_fmt_n(r['size'])}",
-                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
-                            "met": x <= 0.75})
-    op = "window step fp32 params (K=4)"
-    for r in rows:
-        if r["op"] == op and r.get("ours") and r["size"] == 10**6 and r.get("median_s"):
-            base = _find(rows, op, "torch backward loop + clip_grad_norm_(foreach)", r["layout"], r["size"])
-            if base:
-                x = base["median_s"] / r["median_s"]
-                out.append({"target": "CPU: window step at N=1e6 >= 1.0x plain PyTorch (speed-up over the loop)",
-                            "value": f"{x:.2f}x ({_fmt_t(r['median_s'])} vs {_fmt_t(base['median_s'])})",
-                            "met": x >= 1.0})
+    out += _timed(rows, "micro-batch accumulation bf16 (K=4)", lambda r: r.get("ours") and r["size"] >= 10**8,
+                  "fusedaccum landing bucket",
+                  lambda r: f"CPU: bf16 micro-batch accumulation <= 0.75x today's time (the landing path, same "
+                            f"run) at N={_fmt_n(r['size'])}",
+                  lambda x: x <= 0.75)
+    out += _timed(rows, "window step fp32 params (K=4)", lambda r: r.get("ours") and r["size"] == 10**6,
+                  "torch backward loop + clip_grad_norm_(foreach)",
+                  lambda r: "CPU: window step at N=1e6 >= 1.0x plain PyTorch (speed-up over the loop)",
+                  lambda x: x >= 1.0, speed_up=True)
     return out
