@@ -23,6 +23,7 @@ from ._launch import BLOCK, MAX_PROGRAMS, NUM_WARPS, grid_for, launcher
 from ._exponents import pow2
 from ._norm import NUM_ROWS, ROW_BAD, ROW_EXP, ROW_LIMIT, ROW_MAX, ROW_SUM, _norm_values, norm_start, norm_store
 from ._tile import load_tile, store_tile, to_f32
+from .._ref_norm import store_limit  # one definition, the reference's
 
 NORM_INF, NORM_L1, NORM_L2, NORM_P = 0, 1, 2, 3
 FINALIZE_BLOCK = 1024
@@ -36,15 +37,6 @@ def norm_kind(norm_type: float) -> int:
     if math.isinf(norm_type):
         return NORM_INF
     return {1.0: NORM_L1, 2.0: NORM_L2}.get(norm_type, NORM_P)
-
-
-def store_limit(dtype: torch.dtype) -> float:
-    """The smallest fp32 magnitude that becomes inf when rounded (to nearest even) to dtype:
-    halfway between its largest finite value and the next power of two. inf for fp32."""
-    if dtype == torch.float32:
-        return math.inf
-    top = torch.finfo(dtype).max
-    return (top + 2.0 ** math.frexp(top)[1]) / 2  # 65520 for fp16, exact in fp32
 
 
 @triton.jit
