@@ -7,9 +7,9 @@ runs no norm pass over those buckets: 6 B/el of preprocessing instead of 10 (doc
 The partials hold the non-finite code of ``sum * inv``, so ``inv`` must be the one the step will
 use: ``inv_scale(window scale, local_normalizer(window))`` of the window as it will be once this
 micro-batch is counted, computed here from a copy of the window with the micro-batch added, by
-the same functions and operations as the step's ``Local.reduce`` and ``inv_scale``. Only the
-one-process engines qualify (``Local``, and ``Auto`` while the world has one rank): any other
-communicates the buckets, or the partials, after the last pass.
+the same functions and operations as the step's ``Local.reduce`` and ``inv_scale``. Only an
+engine that ``reduces_locally`` qualifies (one process: ``Local``, or a group of one rank): any
+other communicates the buckets, or the partials, after the last pass.
 
 A stale partial would be a wrong norm. The step uses the partials only when the window is the
 same object with the same micro-batch count (``discard_window``, ``load_state_dict``, a step
@@ -24,9 +24,7 @@ import dataclasses
 import torch
 
 from .ops import sq_slots
-from .parallel import Local
 from .parallel.base import local_normalizer
-from .parallel.group import Auto
 from .reference import NUM_ROWS
 from .scaler import inv_scale
 
@@ -49,15 +47,11 @@ class LastPass:
         self.written[b] = (args["norm_out"], b.accum._version)
 
 
-def _one_process(engine) -> bool:
-    return type(engine) in (Local, Auto) and engine.world_size == 1 and engine.reduce_partials is None
-
-
 def ask(acc, num_items, host_items, dev_items, end: bool) -> "LastPass | None":
     """A ``LastPass`` when this backward is the last micro-batch of a full window of ``acc``
     (a ``GradAccumulator``) with landing buckets in one process; else None."""
     win = acc._win
-    if not (acc._lowp and end and win.micro + 1 == acc.accumulation_steps and _one_process(acc._engine)):
+    if not (acc._lowp and end and win.micro + 1 == acc.accumulation_steps and acc._engine.reduces_locally):
         return None
     after = dataclasses.replace(win)  # the window once this micro-batch is counted
     after.add_micro_batch(num_items is not None, host_items, dev_items, end)
@@ -70,7 +64,7 @@ def take(acc) -> "list | None":
     record, acc.buckets.last_pass = acc.buckets.last_pass, None
     win = acc._win
     if (record is None or record.window is not win or win.micro != record.micro or win.parts
-            or record.norm_type != acc.norm_type or not _one_process(acc._engine)):
+            or record.norm_type != acc.norm_type or not acc._engine.reduces_locally):
         return None
     partials = []
     for b in acc.buckets:

@@ -98,6 +98,13 @@ class Engine:
     def communicates(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def reduces_locally(self) -> bool:
+        """Whether ``reduce`` leaves the buckets as the last backward left them and divides by the
+        window's own count (``local_normalizer``): then the norm partials taken in the window's last
+        accumulate pass are the step's (``fusedaccum._last_pass``)."""
+        return False
+
     #: the ``process_group`` argument the engine was built from (None: chosen automatically)
     process_group = None
     #: the accumulator's engine options (``fsdp_sync``), handed to a wrapper's engine

@@ -27,6 +27,10 @@ class Group(Engine):
         # What the user gave, for the refusal of a wrapper model (None: chosen automatically).
         self.process_group = process_group if explicit else None
 
+    @property
+    def reduces_locally(self) -> bool:
+        return not self.communicates
+
     def reduce(self, accums, window: Window, force: bool, device):
         self.check_synced(window)
         if not self.communicates:
@@ -56,6 +60,10 @@ class Auto(Engine):
             return self._fixed.world_size
         d = dist()
         return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+    @property
+    def reduces_locally(self) -> bool:
+        return self.world_size == 1  # Local, or a Group of one
 
     def _current(self) -> Engine:
         if self._fixed is not None:

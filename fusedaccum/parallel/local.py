@@ -8,6 +8,8 @@ __all__ = ["Local"]
 class Local(Engine):
     """The buckets hold the full gradient; the normalizer is the window's own count."""
 
+    reduces_locally = True
+
     def __init__(self, process_group=False):
         self.process_group = process_group
 
