@@ -33,6 +33,9 @@ class _Reattach:
         # by the hook itself (list.append: no Python frame per parameter).
         self.touched: list = []
         self.index = {id(p): i for i, (p, _) in enumerate(pairs)}
+        # Parameters whose fold hook adds their gradient into the view (``_fold_hook``): ``.grad``
+        # None between backwards is their attached state.
+        self.folded: set = set()
 
     def count(self, _tensor) -> None:
         self.accumulations += 1
@@ -98,6 +101,6 @@ class _Reattach:
         """End of a backward that found detached gradients: a parameter whose grad is still
         None (zero_grad, then no gradient this time) reads zero in the bucket."""
         self.queued_for = None
-        for p, view in self.pairs:
-            if p.grad is None:
+        for i, (p, view) in enumerate(self.pairs):
+            if p.grad is None and i not in self.folded:
                 view.zero_()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _fold_hook
 from ._dtensor import dtensor_type, replica_key
 from ._reattach import _Reattach
 from .ops import GRAD_DTYPES, _dense_layout, accumulate_
@@ -58,9 +59,10 @@ class Bucket:
     gradients land (``param.grad`` are views into it, and autograd accumulates in place).
     For bf16/fp16 parameters the gradients land in ``landing`` (parameter dtype), which the
     accumulate kernel folds into ``accum``; or, ``direct``, straight in ``accum`` as for fp32
-    (``param.grad_dtype`` is None, autograd adds the bf16 gradient into the fp32 view), and
-    the step rounds the processed gradient into ``step_out`` (parameter dtype), which exists
-    from the step until the next window starts.
+    (``param.grad_dtype`` is None; ``folded``: a large parameter on the CPU, whose hook adds its
+    gradient, ``_fold_hook``), and the step rounds the processed gradient into ``step_out``
+    (parameter dtype), which exists from the step until the next window starts. ``attached``:
+    each ``param.grad`` between backwards (its view; None where folded).
     """
 
     device: torch.device
@@ -72,6 +74,8 @@ class Bucket:
     landing: "torch.Tensor | None" = None
     views: list = field(default_factory=list)
     direct: bool = False
+    folded: list = field(default_factory=list)
+    attached: list = field(default_factory=list)
     step_out: "torch.Tensor | None" = None
     step_views: list = field(default_factory=list)
     grad_dtypes: list = field(default_factory=list)  # direct: each parameter's grad_dtype before
@@ -100,7 +104,8 @@ class GradBuckets:
     views hold the values but no graph (no double backward through ``param.grad``).
     An owner that runs every backward meant for the parameters itself (GradAccumulator) calls
     ``defer_reattach()``: the hooks then only record, and ``settle()`` after each of its
-    backwards does the rest, so no Python code runs per parameter per backward.
+    backwards does the rest, so no Python code runs per parameter per backward (but for
+    the fold hooks of folded parameters).
 
     A parameter belongs to one GradBuckets at a time (another raises); ``release()`` gives
     them up, and so does dropping the GradBuckets (once garbage-collected, its hooks are
@@ -109,7 +114,8 @@ class GradBuckets:
     ``direct`` (bf16/fp16 parameters): False (default) lands their gradients in a bucket of
     their dtype, folded into fp32 by ``fold_landing``; True makes their ``.grad`` fp32 views
     of ``accum`` (``param.grad_dtype = None``), so autograd adds each backward into fp32
-    itself: no landing bucket (4 B of gradient per parameter, not 6). Needs
+    itself (a large one on the CPU: its hook, ``_fold_hook``): no landing bucket (4 B of
+    gradient per parameter, not 6). Needs
     ``Tensor.grad_dtype`` (``grad_dtype_supported()``) and no DTensor parameter; None: True
     where both hold. ``release()`` restores each parameter's ``grad_dtype``.
     """
@@ -178,13 +184,17 @@ class GradBuckets:
                 view = _view_of(b.grads, off, p, dtensor)
                 if p.grad is not None:
                     view.copy_(p.grad)
+                fold = b.direct and _fold_hook.direct_arrival(b.device, view.numel()) == "hook"
                 if b.direct:
                     # None, not float32: the step hands the optimizer param-dtype views, and
                     # autograd still adds into an fp32 .grad in place (checked in the tests).
                     b.grad_dtypes.append(p.grad_dtype)
                     p.grad = None
-                    p.grad_dtype = None
+                    if not fold:
+                        p.grad_dtype = None
                 b.views.append(view)
+                b.folded.append(fold)
+                b.attached.append(None if fold else view)
         owner = weakref.ref(self)
         for p in unique:
             setattr(p, _OWNER_ATTR, owner)
@@ -192,21 +202,24 @@ class GradBuckets:
         # without release() would never be collected and would keep its parameters owned.
         reattach = _Reattach([(p, view) for b in self.buckets for p, view in zip(b.params, b.views)])
         reattach.untracked.update(i for i, (p, _) in enumerate(reattach.pairs) if _local(p, dtensor) is not p)
+        folds = _fold_hook.fold_hooks(reattach, self.buckets)
+        reattach.folded.update(folds)
         self._reattach = reattach
         #: whether the hooks re-point at once (else ``settle()`` does, after the owner's backward)
         self.eager = True
-        self._hooks = [p.register_post_accumulate_grad_hook(reattach.hook(i, view))
+        self._hooks = [p.register_post_accumulate_grad_hook(folds[i] if i in folds else reattach.hook(i, view))
                        for i, (p, view) in enumerate(reattach.pairs)]
+        self._hooks += [reattach.pairs[i][0].register_hook(_fold_hook.steal) for i in folds]
         self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
         self._watched: set = set()
         self.attach()
 
     def attach(self) -> None:
-        """Point every ``param.grad`` at its view (again)."""
+        """Point every ``param.grad`` at its view (again); None where folded."""
         for b in self.buckets:
-            for p, view in zip(b.params, b.views):
-                if p.grad is not view:
-                    p.grad = view
+            for p, want in zip(b.params, b.attached):
+                if p.grad is not want:
+                    p.grad = want
 
     def defer_reattach(self) -> None:
         """For an owner that runs every backward meant for these parameters itself, between
@@ -214,13 +227,15 @@ class GradBuckets:
         that autograd reached it (a builtin ``list.append``, no Python frame: a hook per
         parameter per backward was most of the fixed cost of a small model's window), and
         ``settle()`` does the rest once per backward. A backward outside the owner's is still
-        counted (``accumulations``), but not re-pointed. DTensor buckets keep eager hooks."""
+        counted (``accumulations``), but not re-pointed. DTensor buckets and folded parameters
+        keep their eager hooks."""
         if not self.eager or self.sharded:
             return
         r = self._reattach
-        for h in self._hooks[:len(r.pairs)]:
-            h.remove()
-        self._hooks[:len(r.pairs)] = [p.register_post_accumulate_grad_hook(r.touched.append) for p, _ in r.pairs]
+        for i, (p, _) in enumerate(r.pairs):
+            if i not in r.folded:
+                self._hooks[i].remove()
+                self._hooks[i] = p.register_post_accumulate_grad_hook(r.touched.append)
         self.eager = False
 
     def _versions(self) -> int:
@@ -264,7 +279,8 @@ class GradBuckets:
 
     def end_step(self) -> None:
         """A new window starts (or this one is dropped): direct buckets free their step
-        buffers, and ``param.grad`` are fp32 bucket views again, for autograd to add into."""
+        buffers, and ``param.grad`` are fp32 bucket views again, for autograd to add into
+        (None where folded)."""
         if any(b.step_out is not None for b in self.buckets):
             for b in self.buckets:
                 b.step_out, b.step_views = None, []
@@ -322,6 +338,8 @@ class GradBuckets:
                     # The parameter's own grad_dtype again, so its gradient is in its dtype.
                     g, p.grad = p.grad, None
                     p.grad_dtype = b.grad_dtypes[i]
+                    if g is None and b.folded[i]:
+                        g = view  # between backwards its sum is in the view alone
                     ours = g is view or (b.step_views and g is b.step_views[i])
                     p.grad = None if g is None else g.to(p.dtype, copy=bool(ours))
                 elif p.grad is view:

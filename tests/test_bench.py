@@ -77,7 +77,7 @@ def test_quick_run_writes_json_markdown_plot(tmp_path, reference_backend, capsys
     assert {"window step + AdamW(fused) bf16", "window step + SGD(fused) bf16", "window step + AdamW(fused) fp32",
             "micro-batch accumulation bf16 (K=4)"} <= ops
     micro = {r["impl"]: r for r in rows if r["op"] == "micro-batch accumulation bf16 (K=4)" and r["size"] == 10**4}
-    assert micro["fusedaccum direct (grad_dtype)"]["bytes_per_elem"] == 40
+    assert micro["fusedaccum direct"]["bytes_per_elem"] == 40
     assert micro["fusedaccum landing bucket"]["bytes_per_elem"] == 72
     # The bf16 signals rows are charged the path each runs: noise_scale keeps the landing bucket.
     sig = {r["impl"]: r["bytes_per_elem"] for r in rows
@@ -276,7 +276,7 @@ def test_issue18_targets_from_a_hand_made_cpu_result():
     rows = [
         _row(fold, "fusedaccum (fold)", "gpt2-148", big, 1.5, 36, ours=True),
         _row(fold, "torch AdamW(fused=True).step() alone", "gpt2-148", big, 1.0, 28),
-        _row(mb, "fusedaccum direct (grad_dtype)", "gpt2-148", big, 0.7, 40, ours=True),
+        _row(mb, "fusedaccum direct", "gpt2-148", big, 0.7, 40, ours=True),
         _row(mb, "fusedaccum landing bucket", "gpt2-148", big, 1.0, 72),
         _row(win, "fusedaccum.GradAccumulator", "gpt2-148", small, 1.0, 64, ours=True),
         _row(win, "torch backward loop + clip_grad_norm_(foreach)", "gpt2-148", small, 0.9, 56),

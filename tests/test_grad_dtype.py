@@ -1,5 +1,8 @@
 """bf16/fp16 gradients straight into the fp32 buckets (``Tensor.grad_dtype``, torch >= 2.13):
-no landing bucket, autograd adds each backward into fp32 views; the step rounds the processed
+no landing bucket; autograd adds each backward into fp32 views (``"view"``, what a GPU runs)
+or each parameter's hook adds autograd's fresh gradient into its view and drops it (``"hook"``,
+the CPU's large parameters): every test here runs both, and a bucket holding both
+(``"mixed"``; ``_fold_hook.direct_arrival`` forced). The step rounds the processed
 gradient into a param-dtype buffer that lives until the next window starts. Compared with the
 landing path (forced by hiding the feature), which is what older torch runs."""
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import fusedaccum._fold_hook
 import fusedaccum.buckets
 from fusedaccum import GradAccumulator, GradBuckets, LossScaler
 
@@ -32,6 +36,16 @@ def loss_of(model, x, y):
     return ((model(x.to(dtype)).float() - y) ** 2).mean()
 
 
+@pytest.fixture(autouse=True, params=["view", "hook", "mixed"])
+def arrival(request, monkeypatch):
+    """Every test under both ways into the fp32 sums, and both in one bucket (mixed: the
+    parameters of more than 16 elements fold)."""
+    how = request.param
+    monkeypatch.setattr(fusedaccum._fold_hook, "direct_arrival",
+                        lambda device, numel: ("hook" if numel > 16 else "view") if how == "mixed" else how)
+    return how
+
+
 @pytest.fixture
 def landing(monkeypatch):
     """Build accumulators on the landing path, as a torch without Tensor.grad_dtype does."""
@@ -40,7 +54,8 @@ def landing(monkeypatch):
     return hide
 
 
-def test_autograd_adds_into_the_fp32_view_and_a_none_grad_is_reattached():
+@pytest.mark.parametrize("arrival", ["view"], indirect=True)
+def test_autograd_adds_into_the_fp32_view_and_a_none_grad_is_reattached(arrival):
     p = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
     x = torch.randn(5, 4, dtype=torch.bfloat16)
     b = GradBuckets([p], direct=True)
@@ -62,6 +77,48 @@ def test_autograd_adds_into_the_fp32_view_and_a_none_grad_is_reattached():
     b.release()
     assert p.grad_dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
     assert torch.equal(p.grad.double(), g)
+
+
+@pytest.mark.parametrize("arrival", ["hook"], indirect=True)
+def test_the_hook_folds_each_fresh_gradient_and_drops_it(arrival):
+    """``"hook"``: no gradient of the parameter dtype outlives its parameter's turn in the
+    backward, autograd's own gradient tensor is folded (not a copy of it), sums across backwards
+    are exact, and release() hands the sum over as the parameter's own gradient."""
+    p = nn.Parameter(torch.randn(4, 3, dtype=torch.bfloat16))
+    x = torch.randn(5, 4, dtype=torch.bfloat16)
+    ext = torch.randn(4, 3, dtype=torch.bfloat16)  # a gradient the caller keeps a reference to
+
+    class Give(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.sum()
+
+        @staticmethod
+        def backward(ctx, _):
+            return ext
+
+    arrived = []  # registered before the buckets' hooks: runs first, sees what autograd stored
+    p.register_post_accumulate_grad_hook(lambda t: arrived.append(t.grad))
+    b = GradBuckets([p], direct=True)
+    bucket = b.buckets[0]
+    assert bucket.landing is None and bucket.direct and bucket.folded == [True]
+    assert p.grad is None and p.grad_dtype == torch.bfloat16  # the parameter's own dtype, untouched
+    view = bucket.views[0]
+    g = torch.autograd.grad((x @ p).sum(), p)[0].double()
+    for i in range(2):
+        (x @ p).sum().backward()
+        assert p.grad is None  # dropped by the fold hook
+        assert torch.equal(view.double(), (i + 1) * g)
+    Give.apply(p).backward()
+    assert arrived[-1].data_ptr() == ext.data_ptr()  # taken as is: the steal pre-hook, no copy
+    assert torch.equal(view.double(), 2 * g + ext.double())
+    assert b.accumulations == 3 and b.used == [True]
+    b.zero_()
+    (x @ p).sum().backward()
+    b.release()  # the sum so far becomes the parameter's own bf16 gradient
+    assert p.grad.dtype == torch.bfloat16 and torch.equal(p.grad.double(), g)
+    (x @ p).sum().backward()  # no hook left: autograd's usual add
+    assert torch.equal(p.grad.double(), (2 * g).bfloat16().double())
 
 
 def test_gradient_memory_per_parameter(landing):
@@ -172,15 +229,21 @@ def test_direct_matches_float64_large_batch(backend):
         assert (p.grad.double() - g * clip).abs().max() <= 2.0**-6 * gmax * clip
 
 
-def test_guards_see_direct_buckets():
+def test_guards_see_direct_buckets(arrival):
     model = make_model(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data(4)
     acc = GradAccumulator(model, K)
     acc.backward(loss_of(model, x, y))
-    opt.zero_grad(set_to_none=False)  # zeroes the fp32 sum itself now
-    with pytest.raises(RuntimeError, match="modified in place inside a window"):
-        acc.step(opt)
+    want = [b.accum.clone() for b in acc.buckets]
+    opt.zero_grad(set_to_none=False)
+    if arrival != "hook":  # zeroes the fp32 sum of the views
+        with pytest.raises(RuntimeError, match="modified in place inside a window"):
+            acc.step(opt)
+    else:  # param.grad is None between backwards: nothing to zero, the sum is intact
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(b.accum, w) for b, w in zip(acc.buckets, want))
+        assert acc.step(opt, force=True).micro_batches == 1
     acc.discard_window()
     acc.backward(loss_of(model, x, y))
     loss_of(model, x, y).backward()  # bypasses acc.backward: caught by the hooks' count

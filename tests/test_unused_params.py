@@ -141,10 +141,22 @@ def test_layer_frozen_after_construction_does_not_move():
     acc.release()
 
 
-def test_unused_bf16_parameters_keep_their_bits():
-    """bf16 parameters (landing buckets, the accumulate pass): the unused head keeps every bit."""
+@pytest.mark.parametrize("path", ["landing", "view", "hook", "mixed"])
+def test_unused_bf16_parameters_keep_their_bits(path, monkeypatch):
+    """bf16 parameters, on each path into the fp32 sums (the landing bucket's accumulate pass;
+    direct: autograd's add into fp32 views, the CPU's fold hooks, or both in one bucket): the
+    unused head keeps every bit."""
+    import fusedaccum._fold_hook
+    import fusedaccum.buckets
     from fusedaccum import GradAccumulator
 
+    if path == "landing":
+        monkeypatch.setattr(fusedaccum.buckets, "grad_dtype_supported", lambda: False)
+    elif not fusedaccum.buckets.grad_dtype_supported():
+        pytest.skip(f"the direct path ({path}) needs Tensor.grad_dtype, which this torch lacks")
+    else:
+        monkeypatch.setattr(fusedaccum._fold_hook, "direct_arrival", lambda device, numel: path if path != "mixed"
+                            else ("hook" if numel > 10 else "view"))
     model = make_model(torch.bfloat16)
     opt = make_opt(model.parameters())
     acc = GradAccumulator(model, 2)
@@ -157,7 +169,10 @@ def test_unused_bf16_parameters_keep_their_bits():
     assert model.a.weight.grad is not None and model.b not in opt.state
     # The next window re-attaches the views: b trains again when used.
     acc.backward(loss_of(model, 1, 0, 0, True))
-    assert model.b.weight.grad is acc.buckets.buckets[0].views[4]
+    bucket = acc.buckets.buckets[0]
+    assert any(bucket.folded) == (path in ("hook", "mixed")) and all(bucket.folded) == (path == "hook")
+    assert (bucket.landing is None) == (path != "landing")
+    assert model.b.weight.grad is bucket.attached[4]  # None where the hooks fold
     acc.step(opt, force=True)
     assert not torch.equal(model.b.weight, before[0])
     acc.release()

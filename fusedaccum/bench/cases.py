@@ -314,8 +314,8 @@ def signals_window_group(n, device, param_dtype, k=WINDOW_K) -> Group:
         stats, stats_note = landing_bytes, landing_note + " + Σg² in the accumulate pass 0"
         if fusedaccum.buckets.grad_dtype_supported():
             base = 4 + 10 * k + 10
-            note = (f"direct (grad_dtype): zero bucket 4 + {k} x autograd's mixed add into the fp32 view 10 + "
-                    "step (norm 4 + apply 6)")
+            note = (f"direct: zero bucket 4 + {k} x the bf16 gradient added into the fp32 sum (autograd's "
+                    "mixed add into the view; the CPU's fold hooks for large parameters) 10 + step (norm 4 + apply 6)")
         else:
             base, note = landing_bytes, landing_note
     g.specs += [

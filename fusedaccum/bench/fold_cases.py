@@ -111,9 +111,10 @@ def fold_group(n, device, opt_name: str, param_dtype=torch.float32):
 def micro_batch_group(n, device, k=4):
     """bf16 parameters, K micro-batches in the middle of a window (the window never closes: the
     accumulator's ``accumulation_steps`` is out of reach, so every call is K backwards in the
-    steady state), gradients injected (no model): with ``Tensor.grad_dtype`` (direct: autograd
-    adds the bf16 gradient into the fp32 bucket view) against the landing bucket (today's path
-    where torch lacks ``grad_dtype``; forced here with ``grad_dtype_supported`` patched for the
+    steady state), gradients injected (no model): direct where torch has ``Tensor.grad_dtype``
+    (autograd adds the bf16 gradient into the fp32 bucket view; on the CPU a large parameter's
+    hook adds it, ``_fold_hook``) against the landing bucket (today's path where
+    torch lacks ``grad_dtype``; forced here with ``grad_dtype_supported`` patched for the
     construction)."""
     from .cases import FUSED, Group, Spec
     from .grad_memory import _landing_only
@@ -141,9 +142,10 @@ def micro_batch_group(n, device, k=4):
         return build
 
     g.specs += [
-        Spec(op, FUSED + " direct (grad_dtype)", "gpt2-148", len(sizes), n, "bf16->fp32", 10 * k,
-             f"{k} x autograd's mixed add into the fp32 view: read grad 2 + read 4 + write 4 (per window "
-             "also: zero the bucket 4)", window(False), True),
+        Spec(op, FUSED + " direct", "gpt2-148", len(sizes), n, "bf16->fp32", 10 * k,
+             f"{k} x the bf16 gradient added into the fp32 sum (by autograd into an fp32 view; on the CPU a "
+             "parameter of more than 2^18 elements by its fold hook, in pieces): read grad 2 + read 4 + write 4 "
+             "(per window also: zero the bucket 4)", window(False), True),
         Spec(op, FUSED + " landing bucket", "gpt2-148", len(sizes), n, "bf16->fp32", 18 * k,
              f"{k} x (autograd's add into the bf16 landing 6 + accumulate_ zero_grad 12) (per window also: "
              "zero the landing 2; the first accumulate_ overwrites, 8)", window(True)),

@@ -102,7 +102,7 @@ def _measure(engine: str, dtype, group) -> dict:
                 extra["ddp_reducer_bytes_per_param"] = round(sum(sizes) / n, 3)
         direct = any(b.direct for b in acc.buckets.buckets)
         return {"bytes_per_param": round(held_bytes(acc.buckets) / n, 3), "params": n,
-                "path": "fp32" if dtype == torch.float32 else ("direct (grad_dtype)" if direct else "landing"),
+                "path": "fp32" if dtype == torch.float32 else ("direct" if direct else "landing"),
                 **extra}
     finally:
         acc.discard_window()
