@@ -48,6 +48,8 @@ def fold_hook(state, i: int, target: torch.Tensor, shape, stride):
         g, p.grad = p.grad, None
         state.accumulations += 1
         state.used[i] = True
+        if g is None:  # an earlier post-accumulate hook of the caller's took it
+            return
         if g.is_contiguous() and shaped.is_contiguous():
             # In pieces, so that the mixed add's fp32 temporary stays in the cache; one call
             # for all of them (a Python loop over the pieces costs 15 % more at 1e8).

@@ -11,6 +11,12 @@ import torch
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", object)
 
 
+def remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 class _Reattach:
     """The post-accumulate-grad hooks' shared state. It holds no reference to the GradBuckets
     (the hooks live on the parameters, and must not keep it alive)."""

@@ -12,7 +12,7 @@ import torch
 
 from . import _fold_hook
 from ._dtensor import dtensor_type, replica_key
-from ._reattach import _Reattach
+from ._reattach import _Reattach, remove_handles
 from .ops import GRAD_DTYPES, _dense_layout, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
@@ -23,12 +23,6 @@ def grad_dtype_supported() -> bool:
     (``Tensor.grad_dtype``, torch 2.13): bf16/fp16 gradients can then be fp32 bucket views.
     Detected by the feature, not the version string."""
     return hasattr(torch.Tensor, "grad_dtype")
-
-
-def _remove_handles(handles: list) -> None:
-    for h in handles:
-        h.remove()
-    handles.clear()
 
 
 def _local(p: torch.Tensor, dtensor) -> torch.Tensor:
@@ -114,8 +108,9 @@ class GradBuckets:
     ``direct`` (bf16/fp16 parameters): False (default) lands their gradients in a bucket of
     their dtype, folded into fp32 by ``fold_landing``; True makes their ``.grad`` fp32 views
     of ``accum`` (``param.grad_dtype = None``), so autograd adds each backward into fp32
-    itself (a large one on the CPU: its hook, ``_fold_hook``): no landing bucket (4 B of
-    gradient per parameter, not 6). Needs
+    itself (a large one on the CPU: its hook, ``_fold_hook``; its ``.grad`` is None between
+    backwards, so only ``zero_()`` resets its sum): no landing bucket (4 B of gradient per
+    parameter, not 6). Needs
     ``Tensor.grad_dtype`` (``grad_dtype_supported()``) and no DTensor parameter; None: True
     where both hold. ``release()`` restores each parameter's ``grad_dtype``.
     """
@@ -210,7 +205,7 @@ class GradBuckets:
         self._hooks = [p.register_post_accumulate_grad_hook(folds[i] if i in folds else reattach.hook(i, view))
                        for i, (p, view) in enumerate(reattach.pairs)]
         self._hooks += [reattach.pairs[i][0].register_hook(_fold_hook.steal) for i in folds]
-        self._remove_hooks = weakref.finalize(self, _remove_handles, self._hooks)
+        self._remove_hooks = weakref.finalize(self, remove_handles, self._hooks)
         self._watched: set = set()
         self.attach()
 

@@ -19,6 +19,7 @@ from fusedaccum import GradAccumulator, GradBuckets, LossScaler
 pytestmark = pytest.mark.skipif(not fusedaccum.buckets.grad_dtype_supported(),
                                 reason="this torch has no Tensor.grad_dtype: only the landing path exists")
 K = 3
+_DEFAULT_ARRIVAL = fusedaccum._fold_hook.direct_arrival  # before the fixture below replaces it
 
 
 def make_model(dtype, device="cpu", seed=0):
@@ -119,6 +120,28 @@ def test_the_hook_folds_each_fresh_gradient_and_drops_it(arrival):
     assert p.grad.dtype == torch.bfloat16 and torch.equal(p.grad.double(), g)
     (x @ p).sum().backward()  # no hook left: autograd's usual add
     assert torch.equal(p.grad.double(), (2 * g).bfloat16().double())
+
+
+@pytest.mark.parametrize("arrival", ["view"], indirect=True)
+def test_by_default_the_cpu_folds_the_parameters_above_one_piece(arrival, monkeypatch):
+    """Without the fixture's choice: on the CPU a bf16 parameter of more than CPU_PIECE elements
+    folds (its add spans two pieces here), a smaller one keeps its view, in one bucket, and both
+    sum exactly."""
+    from fusedaccum.reference import CPU_PIECE
+
+    monkeypatch.setattr(fusedaccum._fold_hook, "direct_arrival", _DEFAULT_ARRIVAL)
+    big = nn.Parameter(torch.zeros(CPU_PIECE + 1, dtype=torch.bfloat16))
+    small = nn.Parameter(torch.zeros(CPU_PIECE, dtype=torch.bfloat16))
+    b = GradBuckets([big, small], direct=True)
+    assert b.buckets[0].folded == [True, False]
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(p.shape, generator=g).to(torch.bfloat16) for p in (big, small)]
+    for _ in range(3):
+        ((big * w[0]).sum() + (small * w[1]).sum()).backward()
+    assert big.grad is None and small.grad is b.buckets[0].views[1]
+    want = torch.cat([3 * x.double() for x in w])  # bf16 values: exact in fp32
+    assert torch.equal(b.buckets[0].accum.double(), want)
+    b.release()
 
 
 def test_gradient_memory_per_parameter(landing):
