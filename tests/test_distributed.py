@@ -226,6 +226,19 @@ def scenario_mixed_items(rank, world, original):
     return _train(acc, model, make_opt("sgd", model.parameters()), ITEMS_PLAN, rank, per_item=True)
 
 
+def scenario_mixed_items_folded(rank, world, original):
+    """mixed_items with the bf16 layer's gradients added by the CPU's fold hooks (forced: the
+    layer is small), under the explicit process group."""
+    import fusedaccum._fold_hook
+
+    default, asked = fusedaccum._fold_hook.direct_arrival, []
+    fusedaccum._fold_hook.direct_arrival = lambda device, numel: asked.append(numel) or "hook"
+    try:
+        return scenario_mixed_items(rank, world, original) | {"folded": asked}
+    finally:
+        fusedaccum._fold_hook.direct_arrival = default
+
+
 def scenario_inf_one_rank(rank, world, original):
     from fusedaccum import GradAccumulator, LossScaler
 
@@ -368,7 +381,7 @@ def launch(tmp_path, backend, names, timeout=90, script=__file__):
                      env={"FUSEDACCUM_BACKEND": backend, "TRITON_INTERPRET": "1"})
 
 
-TORCH_SCENARIOS = ["mean_clip", "items_clip", "mixed_items", "inf_one_rank", "ddp_mean", "ddp_mean_quickstart",
+TORCH_SCENARIOS = ["mean_clip", "items_clip", "mixed_items", "mixed_items_folded", "inf_one_rank", "ddp_mean", "ddp_mean_quickstart",
                    "ddp_items", "ddp_unshown", "refusals"]
 
 
@@ -477,6 +490,17 @@ def test_mixed_precision_buckets_two_ranks(runs):
     assert max_diff(records[0]["params"][-1], ref) <= len(ITEMS_PLAN) * BF16_ULP * wmax
     torch.testing.assert_close(torch.tensor(records[0]["norms"]), torch.tensor(norms, dtype=torch.float32),
                                rtol=BF16_ULP, atol=0)
+
+
+def test_folded_bf16_gradients_two_ranks_equal_the_view_path(runs):
+    """The fold hook only changes how the bf16 gradients reach the fp32 sums that the group
+    all-reduces at the step: the same bits as autograd's add into the views, on both ranks."""
+    folded, views = ok(runs["mixed_items_folded"]), ok(runs["mixed_items"])
+    assert all(rec["folded"] == [IN * HID, HID] for rec in folded)  # the bf16 layer's weight and bias
+    assert_in_sync(folded)
+    for a, b in zip(folded, views):
+        assert a["norms"] == b["norms"]
+        assert all(same_bits(x, y) for x, y in zip(a["params"][-1], b["params"][-1]))
 
 
 def test_inf_on_one_rank_skips_everywhere(runs):
