@@ -13,7 +13,7 @@ per backward would cost more than its add (docs/kernels.md, "bf16 gradients on t
 
 import torch
 
-from .reference import CPU_PIECE
+from .reference import CPU_PIECE, accumulate_
 
 
 def direct_arrival(device: torch.device, numel: int) -> str:
@@ -51,9 +51,7 @@ def fold_hook(state, i: int, target: torch.Tensor, shape, stride):
         if g is None:  # an earlier post-accumulate hook of the caller's took it
             return
         if g.is_contiguous() and shaped.is_contiguous():
-            # In pieces, so that the mixed add's fp32 temporary stays in the cache; one call
-            # for all of them (a Python loop over the pieces costs 15 % more at 1e8).
-            torch._foreach_add_(target.split(CPU_PIECE), g.view(-1).split(CPU_PIECE))
+            accumulate_(target, g, 1.0, zero_grad=False, overwrite=False)  # in cache-sized pieces
         else:  # the parameter's own dense layout (channels_last...), one add
             shaped.add_(g)
 
