@@ -1,5 +1,6 @@
 """The reference norm's per-bucket arithmetic (``fusedaccum.reference``): power-of-two scaling,
-max|x|, the CPU fast path's row norms, the non-finite codes. Pure functions of tensors."""
+max|x|, the CPU fast path's row norms, the non-finite codes, the partials' rows from each
+bucket's column. Pure functions of tensors (no host read: ``reference`` keeps those)."""
 
 import math
 
@@ -40,7 +41,7 @@ def _row_norms(b: torch.Tensor) -> "list[torch.Tensor]":
     if bulk:
         rows.append(torch.linalg.vector_norm(b[:bulk].view(-1, NORM_ROW), 2, dim=1, dtype=torch.float32))
     if bulk != n:
-        rows.append(torch.linalg.vector_norm(b[bulk:], 2, dtype=torch.float32).reshape(1))
+        rows.append(torch.linalg.vector_norm(b[bulk:] if bulk else b, 2, dtype=torch.float32).reshape(1))
     return rows
 
 
@@ -65,3 +66,25 @@ def _codes(maxes: torch.Tensor, zeros: torch.Tensor, nonempty: torch.Tensor, inv
     y = maxes * inv.abs()
     code = torch.where(y.isnan() | (zeros & inv.isinf()), 2.0, torch.where(y.isinf(), 1.0, 0.0))
     return torch.where(nonempty, code, 0.0)
+
+
+def _partials(cols, buckets, out, inv) -> torch.Tensor:
+    """norm_partials' columns from each bucket's (sum, exponent or None: 0, max|x| or None when
+    not needed, holds a zero or None: no)."""
+    device = inv.device
+    one = torch.ones((), dtype=torch.float32, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    sums = torch.stack([c[0] for c in cols])
+    maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
+    # Where max|x| is not taken (fast path, fp32 result), every x is finite and at most
+    # 2**50: the finalize's check of the norm, which bounds every |x * inv|, finds the same
+    # steps, so 1 stands in for it here.
+    present = torch.stack([one if c[2] is None else c[2] for c in cols])
+    nonempty = torch.stack([one if b.numel() else zero for b in buckets]) > 0  # fills, not a host copy
+    # From max|x| alone, not from the sums: inf / inf in Σ(|x|/m)^p is NaN for an inf x.
+    code = _codes(present, torch.stack([no if c[3] is None else c[3] for c in cols]), nonempty, inv)
+    limits = [store_limit((b if out is None else out[i]).dtype) for i, b in enumerate(buckets)]
+    limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
+    exps = torch.stack([zero if c[1] is None else c[1] for c in cols])
+    return torch.stack([sums, exps, code, maxes, limits])

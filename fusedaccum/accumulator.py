@@ -16,20 +16,19 @@ micro-batch runs in and what the step reduces; it holds no engine-specific branc
 """
 
 import contextlib
-import numbers
-import warnings
 
 import torch
 
 from . import _checkpoint, _last_pass, _optim, _validate
+from ._close import close_window
 from ._usage import ParamUsage
 from . import signals as _signals
 from .buckets import GradBuckets
 from .guards import WindowGuard
-from .ops import CLIP_EPS, _sum_squares, _unscale_clip_stats, sq_slots
+from .ops import _sum_squares, sq_slots
 from .parallel import Window, engine_for
 from ._store_watch import StoreOverflowWatch
-from .scaler import LossScaler, inv_scale, window_scale
+from .scaler import LossScaler, window_scale
 from .step_result import StepResult
 
 __all__ = ["GradAccumulator", "StepResult"]
@@ -318,7 +317,7 @@ class GradAccumulator:
             if self._win.micro < self.accumulation_steps and not force:
                 return None
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
-            self._processed = self._close_window(force)
+            self._processed = close_window(self, force)
             self._guard.sync()
         else:
             _optim.check_optimizer(optimizer, self._param_ids, self._optimizers_checked)
@@ -343,38 +342,6 @@ class GradAccumulator:
                 self._k = change.new
         return StepResult(total_norm=total_norm, found_inf=found_inf, micro_batches=micro, num_items=items,
                           loss=loss, noise_scale=noise, accumulation_steps_change=change)
-
-    def _close_window(self, force: bool):
-        """The engine's reductions, then the norm pass and the finalize. Returns (stats, the window's
-        item count for the result, (loss, noise, items per micro-batch), the apply pass owed: step's
-        or a fused optimizer's, see _optim.window_step). The signals ride on the engine's count all-reduce."""
-        win = self._win
-        # Only what has to travel is packed: one process without statistics needs the loss alone.
-        lean = self._signals.tracker is None and not self._engine.communicates
-        win.signals = None if lean else torch.cat([
-            win.sums(self._signals.local_sums(self.device)),
-            torch.full((1,), win.micro, dtype=torch.float64, device=self.device),
-            *self._usage.local_mask(self.device, self._engine.communicates)])  # [5:]: who used which parameter
-        denom, items = self._engine.reduce(self._accums, win, force, self.device)
-        if isinstance(denom, numbers.Real) and denom == 0:
-            warnings.warn(f"the window's {self._win.micro} micro-batches hold 0 items in total (num_items): "
-                          "there is no gradient to normalize, so the step is skipped as on overflow "
-                          "(found_inf = 1)", RuntimeWarning, stacklevel=3)
-        # optimizer.zero_grad() between the last backward and here would leave the optimizer
-        # no gradient to step with: the window's sum is in the buckets, so point at it again.
-        self.buckets.attach()
-        scale = win.scale
-        stats, owed = _unscale_clip_stats(self._accums, inv_scale(scale, denom), self.max_norm, self.norm_type,
-                                          CLIP_EPS, out=self.buckets.step_outputs(), partials=_last_pass.take(self),
-                                          reduce_partials=self._engine.reduce_partials, apply=False)
-        # win.signals is global now: [Σ loss, Σ |g_s|²·scale², Σ 1/b_s, n, micro-batches].
-        # (lean: only sums[0], the loss, is read; the carried sums broadcast onto it.)
-        sums = win.sums(self._signals.local_loss(self.device).reshape(1)) if lean else win.signals[:4]
-        micro = win.micro if lean else win.signals[4]
-        count = items if win.items_given else micro  # items (or micro-batches) over all ranks
-        loss, noise = self._signals.finish(sums, count, stats[0], stats[1], scale, bool(win.items_given))
-        self._usage.drop_unused(win.signals[5:] if self._engine.communicates else None)
-        return stats, items, (loss, noise, None if noise is None else count / micro), owed
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -13,7 +13,8 @@ import torch
 from . import _fold_hook
 from ._dtensor import dtensor_type, replica_key
 from ._reattach import _Reattach, remove_handles
-from .ops import GRAD_DTYPES, _dense_layout, accumulate_
+from ._layout import _dense_layout
+from .ops import GRAD_DTYPES, accumulate_
 
 _OWNER_ATTR = "_fusedaccum_owner"  # on each parameter: a weak reference to its GradBuckets
 

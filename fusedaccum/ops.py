@@ -7,18 +7,19 @@ None of these ops synchronises with the host (except ``clip_grad_norm_`` with
 
 import functools
 import math
+import struct
 import types
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
-import numpy
 import torch
 
 from . import _backend
+from ._layout import GRAD_DTYPES, _covering_buckets, _dense_layout  # noqa: F401 (re-exported)
 from ._partials import OwedApply, _pad_slots, check_given, check_norm_out, merged  # noqa: F401 (re-exported)
 
-GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+_FP32 = struct.Struct("f")
 
 
 def _check_flat(t, name: str, dtypes=GRAD_DTYPES) -> None:
@@ -47,8 +48,10 @@ def _fp32(value: float) -> float:
     Python number and the same number as a float64 tensor mean the same in both backends."""
     if torch.compiler.is_compiling():
         return value  # maybe symbolic there; the kernels round it as they read it (docs/kernels.md, "Custom ops")
-    with numpy.errstate(over="ignore"):
-        return float(numpy.float32(value))
+    try:  # a C cast to float, rounding to nearest: numpy.float32's, at a tenth of its cost
+        return _FP32.unpack(_FP32.pack(value))[0]
+    except OverflowError:  # it rounds to +-inf
+        return math.copysign(math.inf, value)
 
 
 def _number(value, name: str) -> float:
@@ -203,10 +206,9 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
             if o.device != device or o.numel() != b.numel():
                 raise ValueError(f"out[{i}] ({o.numel()} elements on {o.device}) does not match "
                                  f"buckets[{i}] ({b.numel()} elements on {device})")
-        out = [o.view(-1) for o in out]
+        out = _in_place_as_flat(out, flat)
         for i, (o, b) in enumerate(zip(out, buckets)):
-            if o.data_ptr() == b.data_ptr() and o.dtype == b.dtype:
-                out[i] = flat[i]  # in place: the same tensor, so the backends can tell
+            if o is flat[i]:
                 continue
             # Any other overlap would read values the pass has already written.
             for j, x in enumerate(buckets):
@@ -216,6 +218,16 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
             for j in range(i):
                 if _overlap(o, out[j]):
                     raise ValueError(f"out[{i}] and out[{j}] overlap in memory")
+    max_norm, p, eps = _clip_args(max_norm, norm_type, eps)
+    inv = _scalar(inv_scale, "inv_scale", device)
+    if reduce_partials is not None and not callable(reduce_partials):
+        raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
+    return _checked_stats(flat, out, inv, max_norm, p, eps, skip_if_nonfinite=skip_if_nonfinite,
+                          reduce_partials=reduce_partials, apply=apply, partials=partials)
+
+
+def _clip_args(max_norm, norm_type, eps) -> tuple:
+    """(max_norm, p, eps) checked, as the kernels read them: fp32 floats (max_norm None: no clipping)."""
     p = _norm_order(norm_type)
     if max_norm is not None:
         max_norm = _fp32(_number(max_norm, "max_norm"))
@@ -224,10 +236,21 @@ def _unscale_clip_stats(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, ep
     eps = _fp32(_number(eps, "eps"))  # the kernels add it in fp32
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0 (in fp32), got {eps}")
-    inv = _scalar(inv_scale, "inv_scale", device)
-    if reduce_partials is not None and not callable(reduce_partials):
-        raise TypeError(f"reduce_partials must be a callable partials -> partials, got {type(reduce_partials).__name__}")
-    impl = _backend.operators(device)
+    return max_norm, p, eps
+
+
+def _in_place_as_flat(out: list, flat: list) -> list:
+    """``out``'s tensors 1-D; one in place (its bucket's memory and dtype) is its bucket's
+    tensor in ``flat`` itself, so the backends can tell."""
+    return [f if o.data_ptr() == f.data_ptr() and o.dtype == f.dtype else o.view(-1) for o, f in zip(out, flat)]
+
+
+def _checked_stats(flat, out, inv, max_norm, p, eps, *, skip_if_nonfinite=True, reduce_partials=None,
+                   apply=True, partials=None):
+    """``_unscale_clip_stats`` past its checks: ``flat`` 1-D buckets, ``out`` None or as
+    ``_in_place_as_flat`` gives, ``inv`` as ``_scalar`` gives, the rest as ``_clip_args`` gives.
+    GradAccumulator's step calls it on its own buckets, whose checks are a fixed cost per step."""
+    impl = _backend.operators(flat[0].device)
     if partials is None:
         partials = impl.norm_partials(flat, inv, p, out=out)
     else:
@@ -274,44 +297,6 @@ def unscale_clip_(buckets, inv_scale=1.0, max_norm=None, norm_type=2.0, eps=CLIP
     """
     stats = _unscale_clip_stats(buckets, inv_scale, max_norm, norm_type, eps, out=out)
     return stats[0], stats[1]
-
-
-def _dense_layout(t: torch.Tensor) -> bool:
-    """Whether t's elements fill storage[offset, offset + numel) once each, in any order of
-    dimensions (contiguous, channels_last, a transpose...)."""
-    if t.numel() <= 1:
-        return True
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _covering_buckets(grads: Sequence[torch.Tensor]):
-    """The flat buffers that ``grads`` tile exactly (every element once, nothing else), or
-    None. Then the norm over the buffers is the norm over the grads, one launch per buffer."""
-    bases: dict[int, tuple[torch.Tensor, list]] = {}
-    for g in grads:
-        base = g._base
-        if (base is None or base.dim() != 1 or not base.is_contiguous() or not _dense_layout(g)
-                or base.dtype not in GRAD_DTYPES or base.requires_grad):
-            return None
-        bases.setdefault(id(base), (base, []))[1].append((g.storage_offset() - base.storage_offset(), g.numel()))
-    for base, spans in bases.values():
-        position = 0
-        for offset, numel in sorted(spans):
-            if offset != position:
-                return None
-            position += numel
-        if position != base.numel():
-            return None
-    buffers = [base for base, _ in bases.values()]
-    if len({b.device for b in buffers}) != 1:
-        return None
-    return buffers
 
 
 def _fusable_clip_args(max_norm, norm_type) -> bool:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ._finalize_host import finalize_host, host_partials
-from ._ref_norm import (NORM_ROW, SAFE_SUM, _codes, _max_abs, _p_sum, _row_norms,  # noqa: F401
+from ._ref_norm import (NORM_ROW, SAFE_SUM, _max_abs, _p_sum, _partials, _row_norms,  # noqa: F401
                         _scale_exponent, store_limit)
 
 # Rows of the partials, the same as the Triton kernels' (fusedaccum.kernels._norm), one
@@ -170,7 +170,7 @@ def _fold_rows(rows: list) -> "torch.Tensor | None":
     (a row's fp32 sum may have overflowed, or lost its small squares to underflow). CPU only:
     the check reads a CPU tensor, which is no device synchronisation (here, in reference.py: the tests
     tell the reference's own reads by the file)."""
-    total = torch.cat(rows).double().square().sum()
+    total = (rows[0] if len(rows) == 1 else torch.cat(rows)).double().square().sum()
     return total if SAFE_SUM[0] <= float(total) <= SAFE_SUM[1] else None
 
 
@@ -264,28 +264,6 @@ def norm_partials(buckets: "list[torch.Tensor]", inv_scale: "float | torch.Tenso
             total = (torch.stack(sums).double() * torch.exp2(norm_type * (e - e_top))).sum()
             cols.append((total.float(), e_top.float(), m, has_zero))
     return _partials(cols, buckets, out, inv)
-
-
-def _partials(cols, buckets, out, inv) -> torch.Tensor:
-    """norm_partials' columns from each bucket's (sum, exponent or None: 0, max|x| or None when
-    not needed, holds a zero or None: no)."""
-    device = inv.device
-    one = torch.ones((), dtype=torch.float32, device=device)
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    no = torch.zeros((), dtype=torch.bool, device=device)
-    sums = torch.stack([c[0] for c in cols])
-    maxes = torch.stack([zero if c[2] is None else c[2] for c in cols])
-    # Where max|x| is not taken (fast path, fp32 result), every x is finite and at most
-    # 2**50: the finalize's check of the norm, which bounds every |x * inv|, finds the same
-    # steps, so 1 stands in for it here.
-    present = torch.stack([one if c[2] is None else c[2] for c in cols])
-    nonempty = torch.stack([one if b.numel() else zero for b in buckets]) > 0  # fills, not a host copy
-    # From max|x| alone, not from the sums: inf / inf in Σ(|x|/m)^p is NaN for an inf x.
-    code = _codes(present, torch.stack([no if c[3] is None else c[3] for c in cols]), nonempty, inv)
-    limits = [store_limit((b if out is None else out[i]).dtype) for i, b in enumerate(buckets)]
-    limits = torch.stack([torch.full((), lim, dtype=torch.float32, device=device) for lim in limits])  # fills
-    exps = torch.stack([zero if c[1] is None else c[1] for c in cols])
-    return torch.stack([sums, exps, code, maxes, limits])
 
 
 def finalize(partials: torch.Tensor, inv_scale: "float | torch.Tensor", max_norm: "float | None",

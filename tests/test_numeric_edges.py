@@ -260,3 +260,39 @@ def test_store_overflow_without_a_scaler_warns(backend, device):
     assert torch.equal(w.detach(), torch.ones(4, dtype=torch.float16, device=device))
     store = [str(c.message) for c in caught if "overflow on store" in str(c.message)]
     assert len(store) == 1 and "max_norm < 65504" in store[0]
+
+
+def test_fp32_rounding_of_python_numbers_is_numpys():
+    """ops._fp32 (struct's C cast, the step's fixed cost) rounds as numpy.float32 did: to
+    nearest even, +-inf from halfway past the largest fp32 on, subnormals, -0.0 and NaN kept."""
+    from fusedaccum.ops import _fp32 as ops_fp32
+
+    top = float(numpy.finfo(numpy.float32).max)
+    half_ulp = 2.0 ** 103  # half the spacing of fp32 at its largest binade
+    edges = [0.0, -0.0, 1.0, 1e-6, 1 / 3, top, -top, top + half_ulp, top + half_ulp * (1 - 2 ** -30),
+             -(top + half_ulp), 1e39, -1e39, math.inf, -math.inf, 1.4e-45, 7e-46, 7.1e-46, -1e-50, 2.0 ** -149,
+             2.0 ** -126 * (1 - 2 ** -24)]
+    rng = random.Random(0)
+    edges += [rng.uniform(-1, 1) * 10.0 ** rng.randint(-50, 40) for _ in range(20000)]
+    for x in edges:
+        got, want = ops_fp32(x), _fp32(x)
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), x
+    assert math.isnan(ops_fp32(math.nan))
+
+
+def test_max_norm_changed_on_the_accumulator_is_checked_at_the_step():
+    """The step checks acc.max_norm as the public op would (it calls the passes past the
+    buckets' checks only): a negative one raises and changes nothing; a new valid one is used."""
+    w = torch.nn.Parameter(torch.ones(3))
+    acc = GradAccumulator([w], accumulation_steps=1, max_norm=1.0)
+    opt = torch.optim.SGD([w], lr=1.0)
+    acc.backward((w * 4.0).sum())
+    acc.max_norm = -1.0
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        acc.step(opt)
+    assert torch.equal(w.detach(), torch.ones(3))
+    acc.max_norm = 2.0
+    res = acc.step(opt)
+    assert float(res.total_norm) == pytest.approx(math.sqrt(48.0))
+    torch.testing.assert_close(w.detach(), torch.ones(3) - 2.0 / math.sqrt(3.0) * (1 - 1e-6 / (math.sqrt(48) + 1e-6)),
+                               rtol=1e-6, atol=1e-6)
