@@ -245,6 +245,7 @@ def _in_place_as_flat(out: list, flat: list) -> list:
     return [f if o.data_ptr() == f.data_ptr() and o.dtype == f.dtype else o.view(-1) for o, f in zip(out, flat)]
 
 
+@torch.no_grad()
 def _checked_stats(flat, out, inv, max_norm, p, eps, *, skip_if_nonfinite=True, reduce_partials=None,
                    apply=True, partials=None):
     """``_unscale_clip_stats`` past its checks: ``flat`` 1-D buckets, ``out`` None or as
