@@ -310,3 +310,24 @@ def test_overlap_gloo_script():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "window, DDP" in run.stdout and "window, GradAccumulator" in run.stdout
+
+
+def test_hook_cost_script(capsys):
+    """bench/hook_cost.py: the four hook states time a backward each; its unhooked window (the
+    upper bound docs/benchmarks.md quotes) registers no hook and gives the hooked window's step."""
+    script = _bench_script("hook_cost")
+    script.main(1000, 2)
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("no hook", "hook removed", "list.append hook", "+ pre-hook removed"))
+    sizes = script.split_sizes(script.LIST_LAYOUTS["gpt2-148"], 3000)
+    grads = list(torch.randn(3000).split(sizes))
+    unhooked, ps = script.unhooked_window(grads, sizes)
+    hooked_ps = [torch.nn.Parameter(torch.empty(s)) for s in sizes]
+    acc = script.fusedaccum.GradAccumulator(hooked_ps, script.WINDOW_K, max_norm=script.MAX_NORM)
+    for _ in range(script.WINDOW_K):
+        acc.backward(script._InjectGrads.apply(grads, *hooked_ps))
+    want = acc.step(script.NullOptimizer(hooked_ps))
+    got = unhooked()
+    assert all(p._post_accumulate_grad_hooks is None for p in ps)
+    assert torch.equal(got.total_norm, want.total_norm)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, hooked_ps))
