@@ -4,7 +4,8 @@ hooks that make the norm's partials global (one gather per mesh dimension that s
 
 import torch
 
-from .ops import GRAD_DTYPES, _covering_buckets, _fused_clip, _fusable_clip_args
+from ._layout import GRAD_DTYPES, _covering_buckets
+from .ops import _fused_clip, _fusable_clip_args
 
 __all__ = ["clip_grad_norm_", "compose", "dtensor_type", "gather_partials", "grad_layout", "is_dtensor", "mesh_norm_hook",
            "replica_key"]

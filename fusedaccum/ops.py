@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from . import _backend
-from ._layout import GRAD_DTYPES, _covering_buckets, _dense_layout  # noqa: F401 (re-exported)
+from ._layout import GRAD_DTYPES, _covering_buckets
 from ._partials import OwedApply, _pad_slots, check_given, check_norm_out, merged  # noqa: F401 (re-exported)
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s

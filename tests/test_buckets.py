@@ -77,7 +77,7 @@ def test_grads_keep_the_parameter_layout(backend, device):
 
 
 def test_dense_layout():
-    from fusedaccum.ops import _dense_layout
+    from fusedaccum._layout import _dense_layout
 
     t = torch.ones(4, 6)
     assert _dense_layout(t) and _dense_layout(t.t()) and _dense_layout(torch.ones(1, 5, 1))

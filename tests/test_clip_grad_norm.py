@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedaccum
-from fusedaccum.ops import _covering_buckets
+from fusedaccum._layout import _covering_buckets
 
 from helpers import NORM_RTOL, same_bits
 

@@ -180,7 +180,8 @@ def clip_grad_norm_stages(params, grads, max_norm, norm_type, error_if_nonfinite
     gradients with the compact partials gathered over the stages. Every rank takes this path
     (the choice rests on the argument alone): a stage with fp16 gradients, gradients that tile
     no buffer or no gradients at all still enters the same gather."""
-    from ..ops import GRAD_DTYPES, _covering_buckets, _fusable_clip_args, _fused_clip
+    from .._layout import GRAD_DTYPES, _covering_buckets
+    from ..ops import _fusable_clip_args, _fused_clip
     from .._dtensor import is_dtensor
 
     group = check_pipeline_group(pipeline_group)
